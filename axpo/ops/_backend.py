@@ -1,0 +1,102 @@
+"""The one place where a backend is chosen for an op call.
+
+Backends:
+  torch   the plain PyTorch reference (axpo/ops/reference.py); always available
+  cpu     the C++ kernels of axpo._C, for CPU tensors
+  cuda    the CUDA kernels of axpo._C, for CUDA tensors (when built with CUDA)
+  triton  the Triton kernels of axpo.kernels, for CUDA tensors; for CPU tensors only through
+          Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before axpo
+          is imported
+
+Order of precedence: the call's `backend=` argument, then the environment variable
+AXPO_BACKEND, then the default for the tensor's device (DEFAULT_BACKEND).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+from axpo import _ext
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+ENV_BACKEND = "AXPO_BACKEND"
+
+# Default per op and device type. GPU choices must follow the GPU benchmark
+# (benchmarks/results/); until one has been run, Triton serves both ops.
+DEFAULT_BACKEND = {
+    "token_logprob_entropy": {"cpu": "cpu", "cuda": "triton"},
+    "linear_logprob_entropy": {"cpu": "cpu", "cuda": "triton"},
+}
+
+
+def _triton_reason(device_type: str) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install triton"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing axpo"
+    return f"no Triton backend for device type '{device_type}'"
+
+
+def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """None if `backend` can run on `device`, else why not (one line)."""
+    device_type = torch.device(device).type
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_reason(device_type)
+    if backend in ("cpu", "cuda"):
+        if device_type != backend:
+            return f"the {backend} backend takes {backend} tensors, not {device_type}"
+        mod, reason = _ext.load()
+        if mod is None:
+            return reason
+        if backend == "cuda" and not mod.with_cuda:
+            return "axpo._C was built without CUDA (torch had no CUDA or no CUDA toolkit at build time)"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def available_backends(device: torch.device | str) -> dict[str, str | None]:
+    """Backend name -> None if usable on `device`, else the reason it is not."""
+    return {b: unavailable_reason(b, device) for b in BACKENDS}
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """The backend that runs `op` on tensors of `device`; raises if a forced one cannot."""
+    forced = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            src = "backend" if backend is not None else f"environment variable {ENV_BACKEND}"
+            raise ValueError(f"{src} must be one of {BACKENDS}, got {forced!r}")
+        reason = unavailable_reason(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend '{forced}' cannot run on {device}: {reason}")
+        return forced
+    choice = DEFAULT_BACKEND[op].get(device.type, "torch")
+    return choice if unavailable_reason(choice, device) is None else "torch"
+
+
+def lpe_kernels(backend: str) -> SimpleNamespace:
+    """lpe_fwd / lpe_fwd_chunk / lpe_bwd of one kernel backend (contract: csrc/ops.h)."""
+    if backend == "triton":
+        mod = importlib.import_module("axpo.kernels.logprob_entropy")
+        return SimpleNamespace(fwd=mod.lpe_fwd, fwd_chunk=mod.lpe_fwd_chunk, bwd=mod.lpe_bwd)
+    if backend in ("cpu", "cuda"):
+        c, reason = _ext.load()
+        if c is None:
+            raise RuntimeError(reason)
+        return SimpleNamespace(
+            fwd=getattr(c, f"lpe_fwd_{backend}"),
+            fwd_chunk=getattr(c, f"lpe_fwd_chunk_{backend}"),
+            bwd=getattr(c, f"lpe_bwd_{backend}"),
+        )
+    raise ValueError(f"no kernels for backend {backend!r}")

@@ -1,0 +1,1 @@
+"""Benchmark scripts for axpo's ops (installed as ``axpo.benchmarks``; run via ``axpo bench <family>``)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of axpo (installed as the package ``axpo.kernels``)."""
