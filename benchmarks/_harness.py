@@ -11,7 +11,8 @@ hands them to :func:`run_case`, which for every (impl, mode) pair
    flagged ``status="MISMATCH"``;
 3. times it: median / p10 / p90 over ``repeats`` calls after ``warmup`` calls (CUDA events around
    each call with an L2 flush before it; ``time.perf_counter`` on CPU);
-4. measures the peak memory of one call above what was allocated before it (inputs excluded).
+4. measures the peak memory of one call above what was allocated before it (inputs excluded):
+   on CPU during the last timed call, on CUDA in one more call.
 
 Modes: ``"fwd"`` runs the forward with inputs requiring grad (as in training, so saved tensors
 count) and no backward; ``"fwd+bwd"`` also back-propagates ``sum_i sum(out_i * g_i)`` with fixed
@@ -185,6 +186,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 @dataclass
 class Timing:
     times_ms: list[float]
+    peak_extra_bytes: int | None = None  # CPU: measured during the last timed call, if asked
 
     @property
     def median_ms(self) -> float:
@@ -211,11 +213,14 @@ def _flush_l2(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int,
-            setup: Callable[[], None] | None = None, flush_l2: bool = True) -> Timing:
+            setup: Callable[[], None] | None = None, flush_l2: bool = True,
+            cpu_memory_on_last: bool = False) -> Timing:
     """Median-style timing of ``fn``; ``setup`` runs before every call, untimed.
 
     CUDA: one pair of CUDA events per call (do_bench style), optional L2 flush before each call,
-    one synchronize at the end. CPU: ``time.perf_counter`` around each call.
+    one synchronize at the end. CPU: ``time.perf_counter`` around each call; with
+    ``cpu_memory_on_last`` the last call also gives the peak extra memory (the VmHWM reset and
+    read happen outside the timed region), saving a separate call of slow CPU impls.
     """
     for _ in range(warmup):
         if setup is not None:
@@ -239,14 +244,21 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
-        for _ in range(repeats):
+        peak_extra = None
+        for i in range(repeats):
             if setup is not None:
                 setup()
+            mem = cpu_memory_on_last and i == repeats - 1
+            if mem:
+                base = _reset_cpu_peak()
             t0 = time.perf_counter()
             out = fn()
             t1 = time.perf_counter()
+            if mem:
+                peak_extra = max(_proc_status_bytes("VmHWM")["VmHWM"] - base, 0)
             del out
             times.append((t1 - t0) * 1e3)
+        return Timing(times, peak_extra)
     return Timing(times)
 
 
@@ -281,6 +293,15 @@ def _malloc_trim() -> None:
         pass
 
 
+def _reset_cpu_peak() -> int:
+    """gc + malloc_trim, reset VmHWM to the current RSS; returns that RSS (bytes)."""
+    gc.collect()
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")["VmRSS"]
+
+
 def cpu_clear_refs_usable() -> tuple[bool, str | None]:
     """Whether the in-process CPU peak-RSS method works here (Linux with writable clear_refs)."""
     try:
@@ -313,10 +334,7 @@ def measure_peak_extra(fn: Callable[[], Any], device: torch.device,
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return int(peak - base)
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_bytes("VmRSS")["VmRSS"]
+    base = _reset_cpu_peak()
     out = fn()
     peak = _proc_status_bytes("VmHWM")["VmHWM"]
     del out
@@ -336,19 +354,21 @@ def self_check_cpu_memory(nbytes: int = 256 * 1024 * 1024) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, atol: float,
                     rtol: float) -> tuple[bool, float, str]:
-    """allclose in float64 (NaN never matches); returns (ok, max_abs_err, message)."""
+    """allclose in float64; NaN in ``expected`` marks unchecked positions; non-finite ``actual``
+    where ``expected`` is finite fails. Returns (ok, max_abs_err, message)."""
     if tuple(actual.shape) != tuple(expected.shape):
         return False, math.inf, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
     if a.numel() == 0:
         return True, 0.0, ""
-    if not torch.isfinite(a).all() and not torch.equal(torch.isfinite(a), torch.isfinite(e)):
+    checked = torch.isfinite(e)  # NaN in the expected tensor: position not evaluated by the oracle
+    if bool((checked & ~torch.isfinite(a)).any()):
         return False, math.inf, "non-finite values where the reference is finite"
-    diff = (a - e).abs()
-    diff = torch.where(torch.isfinite(e), diff, torch.zeros_like(diff))
+    e = torch.where(checked, e, torch.zeros_like(e))
+    diff = torch.where(checked, (a - e).abs(), torch.zeros_like(e))
     err = float(diff.max())
-    ok = bool((diff <= atol + rtol * e.abs().nan_to_num(0.0)).all())
+    ok = bool((diff <= atol + rtol * e.abs()).all())
     return ok, err, "" if ok else f"max abs err {err:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
 
 
@@ -578,14 +598,18 @@ def run_case(case: Case, impls: Sequence[Impl], modes: Sequence[str], cfg: RunCo
                     repeats, warmup = 1, 0
                     row["reason"] = ((row["reason"] + "; ") if row["reason"] else "") + (
                         f"first call took {first_s:.1f} s: 1 repeat only")
+                cpu_inproc = (device.type != "cuda" and cfg.measure_memory
+                              and cfg.cpu_mem_method() == CPU_MEM_METHOD)
                 timing = time_fn(step, device, repeats=repeats, warmup=warmup, setup=setup,
-                                 flush_l2=cfg.flush_l2)
+                                 flush_l2=cfg.flush_l2, cpu_memory_on_last=cpu_inproc)
                 row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms,
                            p90_ms=timing.p90_ms, repeats=repeats, times_ms=timing.times_ms)
 
-                # 3) peak memory of one more call
-                if cfg.measure_memory:
-                    if device.type == "cuda" or cfg.cpu_mem_method() == CPU_MEM_METHOD:
+                # 3) peak memory: CPU in-process during the last timed call; else one more call
+                if cpu_inproc:
+                    row["peak_extra_bytes"] = timing.peak_extra_bytes
+                elif cfg.measure_memory:
+                    if device.type == "cuda":
                         row["peak_extra_bytes"] = measure_peak_extra(step, device, setup)
                     elif cfg.mem_probe is not None:
                         row["peak_extra_bytes"] = cfg.mem_probe(case, impl, mode)
@@ -635,30 +659,43 @@ def _fmt(v: Any, spec: str, none: str = "-") -> str:
     return format(v, spec)
 
 
-def format_markdown_table(rows: Sequence[dict]) -> str:
+def format_markdown_table(rows: Sequence[dict], include_skipped: bool = False) -> str:
+    """Measured rows as a table, then skipped (impl, reason) groups and impl notes as lists."""
     head = ("| op | dtype | shape | mode | impl | median ms | p10-p90 ms | peak extra MiB | "
             "speedup vs ref | mem vs ref | max abs err | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    skipped: dict[tuple[str, str], list[str]] = {}
+    notes: dict[str, str] = {}
     for r in rows:
-        status = r["status"]
-        detail = r.get("reason") or ""
         if r.get("note"):
-            detail = (detail + "; " if detail else "") + r["note"]
-        if status == "MISMATCH":
-            status = "**MISMATCH**"
-        if detail:
-            status = f"{status}: {detail}"
+            notes.setdefault(r["impl"], r["note"])
+        if r["status"] == "skipped" and not include_skipped:
+            skipped.setdefault((r["impl"], r.get("reason") or ""), []).append(
+                f"{r['op']} {r['dtype']} {r['shape']} {r['mode']}")
+            continue
+        status = "**MISMATCH**" if r["status"] == "MISMATCH" else r["status"]
+        if r.get("reason"):
+            status = f"{status}: {r['reason']}"
         mem = r.get("peak_extra_bytes")
         p = (f"{r['p10_ms']:.3g}-{r['p90_ms']:.3g}" if r.get("p10_ms") is not None else "-")
+        sp = r.get("speedup_vs_ref")
         lines.append("| " + " | ".join([
             r["op"], r["dtype"], r["shape"], r["mode"], r["impl"],
             _fmt(r.get("median_ms"), ".3f"), p,
             _fmt(None if mem is None else mem / 2**20, ".1f"),
-            _fmt(r.get("speedup_vs_ref"), ".2f") + ("x" if r.get("speedup_vs_ref") else ""),
+            (f"{sp:.2f}x" if sp is not None else "-"),
             _fmt(r.get("mem_ratio_vs_ref"), ".3f"),
             _fmt(r.get("max_abs_err"), ".2e"),
             status.replace("|", "/"),
         ]) + " |")
+    if skipped:
+        lines += ["", "Skipped:"]
+        for (impl, reason), where in skipped.items():
+            shown = "; ".join(where[:4]) + (f"; ... ({len(where)} in all)" if len(where) > 4 else "")
+            lines.append(f"- {impl}: {reason} [{shown}]")
+    if notes:
+        lines += ["", "Notes:"]
+        lines += [f"- {impl}: {note}" for impl, note in notes.items()]
     return "\n".join(lines)
 
 

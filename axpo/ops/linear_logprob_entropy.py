@@ -164,13 +164,14 @@ def linear_logprob_entropy(
         logprobs [...] fp32, entropy [...] fp32 or None; gradients flow to hidden, weight, bias.
     """
     _validate.tensor(hidden, "hidden", dtypes=_validate.FLOAT_DTYPES, min_dim=1)
-    _validate.tensor(weight, "weight", dtypes=_validate.FLOAT_DTYPES, dim=2)
+    _validate.tensor(weight, "weight", dtypes=_validate.FLOAT_DTYPES)
     if weight.numel() == 0:
         raise ValueError(
             f"weight must be a non-empty [V, H] matrix, got shape {tuple(weight.shape)}. Under DeepSpeed "
             "ZeRO-3 a partitioned LM head weight is empty outside its module's forward: use "
             "axpo.ops.LinearLogprobEntropy as the LM head, or gather the weight first"
         )
+    _validate.tensor(weight, "weight", dim=2)
     vocab, hid = weight.shape
     if hidden.shape[-1] != hid:
         raise ValueError(f"hidden's last dim must equal weight's H = {hid}, got hidden shape {tuple(hidden.shape)}")
@@ -213,10 +214,10 @@ class LinearLogprobEntropy(torch.nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  temperature: float = 1.0, ignore_index: int = -100, compute_entropy: bool = True,
-                 backend: str | None = None, device=None, dtype=None):
+                 backend: str | None = None, chunk_size: int | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.compute_entropy, self.backend = compute_entropy, backend
+        self.compute_entropy, self.backend, self.chunk_size = compute_entropy, backend, chunk_size
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "LinearLogprobEntropy":
@@ -232,4 +233,5 @@ class LinearLogprobEntropy(torch.nn.Linear):
         return linear_logprob_entropy(
             hidden, self.weight, labels, bias=self.bias, temperature=self.temperature,
             ignore_index=self.ignore_index, compute_entropy=self.compute_entropy, backend=self.backend,
+            chunk_size=self.chunk_size,
         )
