@@ -430,8 +430,10 @@ class RunConfig:
             self._cpu_inproc, _ = cpu_clear_refs_usable()
         if self._cpu_inproc:
             return CPU_MEM_METHOD
-        return ("fresh subprocess per measurement (clear_refs unusable): VmHWM - VmRSS after "
-                "building inputs" if self.mem_probe else "not measured (clear_refs unusable)")
+        return ("fresh subprocess per measurement (/proc/self/clear_refs unusable): VmHWM - "
+                "VmRSS after a tiny warm-up call and building the inputs; includes transient peaks "
+                "of input construction and first-call costs (~tens of MiB), coarser than in-process"
+                if self.mem_probe else "not measured (/proc/self/clear_refs unusable)")
 
 
 def forward_backward(fn: Callable[[], tuple], upstream: tuple, mode: str) -> tuple:

@@ -480,6 +480,13 @@ def _mem_probe_main(spec: dict) -> int:
     dtype = DTYPES[spec["dtype"]]
     impls = build_impls(spec["op"], device, spec["temperature"], spec.get("backends"))
     impl = next(i for i in impls if i.name == spec["impl"])
+    # warm up on a tiny shape first (library loads, thread pools), so VmHWM -- which covers the
+    # whole process lifetime here -- is not dominated by one-time costs
+    tiny = make_case(spec["op"], dtype, 8, spec.get("H") and min(spec["H"], 64), min(spec["V"], 512),
+                     device, spec["temperature"])
+    tiny_inputs = tiny.make_inputs()
+    H.forward_backward(lambda: impl.fn(tiny_inputs), tiny.make_upstream(tiny_inputs), spec["mode"])
+    del tiny_inputs
     case = make_case(spec["op"], dtype, spec["N"], spec.get("H"), spec["V"], device, spec["temperature"])
     inputs = case.make_inputs()
     upstream = case.make_upstream(inputs)
@@ -498,9 +505,10 @@ def _subprocess_probe(device: torch.device, temperature: float, backends):
     def probe(case: H.Case, impl: H.Impl, mode: str) -> int | None:
         spec = {"device": str(device), "dtype": case.dtype, "op": case.op, "impl": impl.name,
                 "mode": mode, "temperature": temperature, "backends": backends, **case.shape}
-        cmd = [sys.executable, "-m", "axpo.benchmarks.bench_logprob_entropy",
-               "--mem-probe", json.dumps(spec)]
-        if __package__ in (None, ""):
+        module = __spec__.name if __spec__ is not None else None  # noqa: F821
+        if module and module != "__main__":
+            cmd = [sys.executable, "-m", module, "--mem-probe", json.dumps(spec)]
+        else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-probe", json.dumps(spec)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

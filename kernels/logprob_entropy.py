@@ -134,7 +134,7 @@ def _lpe_fwd_kernel(
         e = tl.where(live, tl.exp(tl.where(live, x - mt, 0.0)), 0.0)
         st = tl.sum(e, axis=0)
         if COMPUTE_ENTROPY:
-            wt = tl.sum(tl.where(e > 0, e * (x - mt), 0.0), axis=0)
+            wt = tl.sum(e * tl.where(e > 0, x - mt, 0.0), axis=0)  # no 0 * -inf
         else:
             wt = st * 0
         m, s, w = _merge_state(m, s, w, mt, st, wt, COMPUTE_ENTROPY)
@@ -202,7 +202,7 @@ def _lpe_bwd_kernel(
     if HAS_ENTROPY_GRAD:
         ent = tl.load(entropy_ptr + row)
         g_h = tl.load(grad_entropy_ptr + row)
-        t = tl.where(p > 0, p * (lp + ent), 0.0)
+        t = p * tl.where(p > 0, lp + ent, 0.0)  # no 0 * -inf
         dx = dx - g_h * t
     grad = dx * scale
     # Same index as the load above: safe when grad_logits aliases logits.

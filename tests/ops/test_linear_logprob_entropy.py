@@ -37,14 +37,18 @@ def ref_run(hidden, weight, bias, labels, g_lp, g_ent, **kw):
     return run(reference.linear_logprob_entropy, d(hidden), d(weight), d(bias), labels, g_lp.double(), g_ent.double(), **kw)
 
 
-def assert_grads_close(grads, ref_grads, dtype):
-    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+def assert_grads_close(grads, ref_grads, dtype, same_dtype_ref_grads=None):
+    """fp32: close to the float64 reference. bf16: gradients pass through bf16 logits and bf16
+    matmuls, so the bar is PyTorch's own bf16 evaluation of the reference: no more than twice
+    its error (plus a bf16 ulp of slack)."""
+    for i, (name, g, r) in enumerate(zip(("hidden", "weight", "bias"), grads, ref_grads)):
         scale = r.abs().max().item() + 1e-12
         if dtype == torch.float32:
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * scale, msg=name)
-        else:  # gradients pass through bf16 matmuls: compare at bf16 resolution
+        else:
             err = (g.double() - r).abs().max().item()
-            assert err <= 3e-2 * scale, f"{name}: max err {err} vs scale {scale}"
+            ref_err = (same_dtype_ref_grads[i].double() - r).abs().max().item()
+            assert err <= 2 * ref_err + 8e-3 * scale, f"{name}: max err {err}, torch bf16 err {ref_err}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -60,12 +64,13 @@ def test_matches_reference(any_backend, case, dtype, chunk):
         kw["chunk_size"] = chunk
     lp, ent, grads = run(linear_logprob_entropy, hidden, weight, bias, labels, g_lp, g_ent, **kw)
     rlp, rent, rgrads = ref_run(hidden, weight, bias, labels, g_lp, g_ent, temperature=0.8)
+    bf16_grads = run(reference.linear_logprob_entropy, hidden, weight, bias, labels, g_lp, g_ent, temperature=0.8)[2]
     # Logits rounded to bf16 by the matmul, as the reference does; then fp32 accumulation.
     fwd_tol = dict(rtol=2e-5, atol=2e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(lp.double(), rlp, **fwd_tol)
     torch.testing.assert_close(ent.double(), rent, **fwd_tol)
     assert lp[1] == 0
-    assert_grads_close(grads, rgrads, dtype)
+    assert_grads_close(grads, rgrads, dtype, bf16_grads)
     assert all(g.dtype == dtype for g in grads)
 
 
