@@ -39,7 +39,7 @@ if torch.version.cuda is not None and CUDA_HOME is None:
     sys.stderr.write("axpo: torch has CUDA but no CUDA toolkit was found (CUDA_HOME): building CPU kernels only\n")
 
 sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 define_macros = []
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -47,7 +47,7 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         "axpo._C", sources, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
     )
 else:

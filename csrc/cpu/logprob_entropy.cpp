@@ -20,6 +20,9 @@
 #else
 #define AXPO_CPU_CLONES
 #endif
+// Everything a clone calls must be inlined into it to be compiled for the clone's ISA
+// (GCC does not inline across different -march otherwise).
+#define AXPO_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -27,7 +30,7 @@ constexpr int64_t kTile = 2048;  // elements per tile: 8 KiB of fp32, stays in L
 
 // exp(x) for float, ~1 ulp (Cephes polynomial), branch-free so loops over it vectorize.
 // -inf and anything below the smallest normal result give exactly 0; NaN propagates.
-inline float exp_acc(float x) {
+AXPO_INLINE float exp_acc(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.0f ? -87.0f : x);
   const float t = xc * kLog2e;
@@ -48,7 +51,7 @@ inline float exp_acc(float x) {
   const float out = x < -87.33654f ? 0.f : y * scale;
   return x != x ? x : out;
 }
-inline double exp_acc(double x) { return std::exp(x); }
+AXPO_INLINE double exp_acc(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct RowState {
@@ -58,7 +61,7 @@ struct RowState {
 
   // Merges a tile's (mt, st, wt). A side with s == 0 contributes nothing: this keeps
   // -inf - -inf out of the arithmetic when whole tiles or rows are masked.
-  inline void merge(acc_t mt, acc_t st, acc_t wt) {
+  AXPO_INLINE void merge(acc_t mt, acc_t st, acc_t wt) {
     if (st == 0) return;
     if (s == 0) { m = mt; s = st; w = wt; return; }
     const acc_t mn = m > mt ? m : mt;
@@ -70,14 +73,14 @@ struct RowState {
 };
 
 template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t inv_temp) {
+AXPO_INLINE void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t inv_temp) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_temp;
 }
 
 // Folds one row's chunk [0, n) into st. Returns nothing: state is in/out.
 template <typename scalar_t, typename acc_t, bool kEntropy>
-inline void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowState<acc_t>& st) {
+AXPO_INLINE void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowState<acc_t>& st) {
   alignas(64) acc_t buf[kTile];
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
@@ -105,7 +108,7 @@ inline void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowState<ac
 }
 
 template <typename scalar_t, typename acc_t>
-inline acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, int64_t n,
+AXPO_INLINE acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, int64_t n,
                      acc_t inv_temp) {
   const int64_t j = label - v_offset;
   if (j < 0 || j >= n) return std::numeric_limits<acc_t>::quiet_NaN();
@@ -114,7 +117,7 @@ inline acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, int64
 
 // Full rows: logprob, entropy, lse for rows [begin, end).
 template <typename scalar_t, typename acc_t, bool kEntropy>
-inline void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride`
+AXPO_INLINE void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride`
                      const int64_t* labels,   // [N]
                      acc_t* out,              // [3, N]
                      int64_t N, int64_t V, int64_t stride, acc_t inv_temp,
@@ -134,7 +137,7 @@ inline void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride`
 
 // One vocab chunk: update state [4, N] (m, s, w, xl) for rows [begin, end).
 template <typename scalar_t, typename acc_t, bool kEntropy>
-inline void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stride`
+AXPO_INLINE void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stride`
                        const int64_t* labels,   // [N]
                        acc_t* state,            // [4, N]
                        int64_t N, int64_t C, int64_t stride, int64_t v_offset,
@@ -152,7 +155,7 @@ inline void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stride`
 }
 
 template <typename scalar_t, typename acc_t, bool kEntropyGrad>
-inline void bwd_rows(const scalar_t* logits,   // [N, C], row stride `stride`
+AXPO_INLINE void bwd_rows(const scalar_t* logits,   // [N, C], row stride `stride`
                      const int64_t* labels,    // [N]
                      const acc_t* lse,         // [N]
                      const acc_t* entropy,     // [N]
