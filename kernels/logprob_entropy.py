@@ -211,7 +211,7 @@ def _lpe_bwd_kernel(
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be [N, C] with stride(1) == 1"
+    assert logits.dim() == 2 and (logits.shape[1] <= 1 or logits.stride(1) == 1), "logits must be [N, C] with stride(1) == 1"
     assert labels.dtype == torch.int64 and labels.is_contiguous(), "labels must be contiguous int64"
     assert labels.shape == (logits.shape[0],), "labels must be [N]"
 
@@ -303,7 +303,7 @@ def lpe_bwd(logits: torch.Tensor, labels: torch.Tensor, v_offset: int, inv_temp:
         grad_logits: [N, C] logits' dtype, stride(1) == 1; may alias logits.
     """
     _check_logits(logits, labels)
-    assert grad_logits.shape == logits.shape and grad_logits.stride(1) == 1, \
+    assert grad_logits.shape == logits.shape and (logits.shape[1] <= 1 or grad_logits.stride(1) == 1), \
         "grad_logits must be [N, C] with stride(1) == 1"
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:

@@ -251,7 +251,7 @@ inline int64_t grain_rows(int64_t row_len) {
 void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.device().is_cpu(), name, " must be a CPU tensor, got ", logits.device());
   TORCH_CHECK(logits.dim() == 2, name, " must be 2-D [N, C], got shape ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1, name,
+  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, name,
               " must have unit stride in the vocab dim, got strides ", logits.strides());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()) &&
                   logits.scalar_type() != at::kFloat8_e4m3fn,
@@ -334,7 +334,7 @@ void lpe_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t v_o
   }
   TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.sizes() == logits.sizes() &&
                   grad_logits.scalar_type() == logits.scalar_type() &&
-                  (C == 0 || grad_logits.stride(1) == 1),
+                  (C <= 1 || grad_logits.stride(1) == 1),
               "grad_logits must be a CPU tensor like logits ", logits.sizes(), " ",
               logits.scalar_type(), " with unit vocab stride, got ", grad_logits.sizes(), " ",
               grad_logits.scalar_type(), " strides ", grad_logits.strides());
