@@ -9,6 +9,8 @@ def load():
     global _loaded
     if _loaded is None:
         try:
+            import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
             from axpo import _C
             _loaded = (_C, None)
         except ImportError as e:  # not built, or built against another torch

@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+python -m pip install -q --upgrade pip "setuptools>=70" wheel
 python -m pip install -q "torch==${AXPO_TORCH_VERSION:-2.13.0}" numpy "triton==3.9.0" ninja \
     pytest hypothesis matplotlib pyyaml deepspeed
 # The extension is compiled against the torch just installed, hence no build isolation.
 python -m pip install -q -e . --no-build-isolation --no-deps
-python -c "import axpo._C" || { echo "axpo: the C++ extension did not build" >&2; exit 1; }
+python -c "import torch, axpo._C" || { echo "axpo: the C++ extension did not build" >&2; exit 1; }
