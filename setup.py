@@ -1,7 +1,8 @@
 """Builds axpo._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
 
-Install torch first, then `pip install -e . --no-build-isolation` (the extension is compiled
-against the torch in the environment). AXPO_NO_CUDA=1 skips the CUDA part.
+Install torch first, then `pip install -e .`: the extension is compiled against the torch in
+the environment (build_backend/axpo_build.py lets pip's isolated build see it;
+`--no-build-isolation` works too). AXPO_NO_CUDA=1 skips the CUDA part.
 """
 import glob
 import os
@@ -23,7 +24,7 @@ except ImportError:
     _die(
         "building axpo._C needs PyTorch installed first, e.g.\n"
         "  pip install torch==2.13.0   # or the CUDA build matching your driver\n"
-        "  pip install -e . --no-build-isolation"
+        "  pip install -e ."
     )
 
 cxx = os.environ.get("CXX", "c++")

@@ -15,5 +15,5 @@ def load():
             _loaded = (_C, None)
         except ImportError as e:  # not built, or built against another torch
             _loaded = (None, f"axpo._C did not import ({e}); build it with "
-                             "`pip install -e . --no-build-isolation` after installing torch")
+                             "`pip install -e .` after installing torch")
     return _loaded
