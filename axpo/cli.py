@@ -6,7 +6,7 @@ import importlib
 import platform
 import sys
 
-BENCH_FAMILIES = ("logprob_entropy",)
+BENCH_FAMILIES = ("logprob_entropy", "group_advantages", "policy_loss", "fork_kv")
 
 
 def _version(module: str) -> str:

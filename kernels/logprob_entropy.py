@@ -1,6 +1,6 @@
 """Triton kernels for the log-prob + entropy ("lpe") op family.
 
-Contract: csrc/ops.h (same semantics as the CPU / CUDA backends), oracle: axpo/ops/reference.py.
+Contract: csrc/logprob_entropy.h (same semantics as the CPU / CUDA backends), oracle: axpo/ops/reference.py.
 
 Per row, with x = logit * inv_temp in the accumulation dtype (fp64 for fp64 logits, else fp32),
 one streaming pass over the vocabulary keeps an online state

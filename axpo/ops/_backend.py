@@ -29,6 +29,9 @@ ENV_BACKEND = "AXPO_BACKEND"
 DEFAULT_BACKEND = {
     "token_logprob_entropy": {"cpu": "cpu", "cuda": "triton"},
     "linear_logprob_entropy": {"cpu": "cpu", "cuda": "triton"},
+    "group_advantages": {"cpu": "cpu", "cuda": "cuda"},
+    "policy_loss": {"cpu": "cpu", "cuda": "triton"},
+    "fork_kv": {"cpu": "cpu", "cuda": "cuda"},
 }
 
 
@@ -85,18 +88,24 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
     return choice if unavailable_reason(choice, device) is None else "torch"
 
 
-def lpe_kernels(backend: str) -> SimpleNamespace:
-    """lpe_fwd / lpe_fwd_chunk / lpe_bwd of one kernel backend (contract: csrc/ops.h)."""
+def kernels(backend: str, family: str, names: tuple[str, ...]) -> SimpleNamespace:
+    """The host functions `names` of op family `family` for one kernel backend.
+
+    triton: axpo.kernels.<family>.<name>; cpu / cuda: axpo._C.<name>_cpu / <name>_cuda
+    (contracts: csrc/<family>.h).
+    """
     if backend == "triton":
-        mod = importlib.import_module("axpo.kernels.logprob_entropy")
-        return SimpleNamespace(fwd=mod.lpe_fwd, fwd_chunk=mod.lpe_fwd_chunk, bwd=mod.lpe_bwd)
+        mod = importlib.import_module(f"axpo.kernels.{family}")
+        return SimpleNamespace(**{n: getattr(mod, n) for n in names})
     if backend in ("cpu", "cuda"):
         c, reason = _ext.load()
         if c is None:
             raise RuntimeError(reason)
-        return SimpleNamespace(
-            fwd=getattr(c, f"lpe_fwd_{backend}"),
-            fwd_chunk=getattr(c, f"lpe_fwd_chunk_{backend}"),
-            bwd=getattr(c, f"lpe_bwd_{backend}"),
-        )
+        return SimpleNamespace(**{n: getattr(c, f"{n}_{backend}") for n in names})
     raise ValueError(f"no kernels for backend {backend!r}")
+
+
+def lpe_kernels(backend: str) -> SimpleNamespace:
+    """fwd / fwd_chunk / bwd of the log-prob + entropy family (csrc/logprob_entropy.h)."""
+    k = kernels(backend, "logprob_entropy", ("lpe_fwd", "lpe_fwd_chunk", "lpe_bwd"))
+    return SimpleNamespace(fwd=k.lpe_fwd, fwd_chunk=k.lpe_fwd_chunk, bwd=k.lpe_bwd)

@@ -1,7 +1,7 @@
 """Per-token log-prob + entropy from logits: custom ops, autograd, public function.
 
 Kernels: csrc/cpu/logprob_entropy.cpp, csrc/cuda/logprob_entropy.cu,
-kernels/logprob_entropy.py (contract in csrc/ops.h). One pass over the vocabulary forward,
+kernels/logprob_entropy.py (contract in csrc/logprob_entropy.h). One pass over the vocabulary forward,
 one backward; no [N, V] temporary besides the gradient itself.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Per-token log-prob + entropy on the CPU: one streaming pass over each row (see ../ops.h).
+// Per-token log-prob + entropy on the CPU: one streaming pass over each row (see ../logprob_entropy.h).
 //
 // Each row is walked in L1-sized tiles: the tile is converted to the accumulation type into a
 // stack buffer (scaled by 1/T), reduced (max, then sum exp and sum exp * (x - max)) with loops
@@ -6,7 +6,8 @@
 // threads with at::parallel_for. The float path uses a polynomial exp that vectorizes (a libm
 // call would not); hot functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked
 // at load time (target_clones), so the wheel runs on any x86-64 CPU.
-#include "../ops.h"
+#include "../logprob_entropy.h"
+#include "../registry.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -354,4 +355,15 @@ void lpe_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t v_o
                    static_cast<acc_t>(inv_temp), ignore_index, has_entropy_grad, b, e);
     });
   });
+}
+
+AXPO_BIND(logprob_entropy) {
+  m.def("lpe_fwd_cpu", &lpe_fwd_cpu, "log-prob + entropy forward, full rows (CPU)");
+  m.def("lpe_fwd_chunk_cpu", &lpe_fwd_chunk_cpu, "log-prob + entropy: fold a vocab chunk (CPU)");
+  m.def("lpe_bwd_cpu", &lpe_bwd_cpu, "log-prob + entropy backward over a vocab chunk (CPU)");
+#ifdef AXPO_WITH_CUDA
+  m.def("lpe_fwd_cuda", &lpe_fwd_cuda, "log-prob + entropy forward, full rows (CUDA)");
+  m.def("lpe_fwd_chunk_cuda", &lpe_fwd_chunk_cuda, "log-prob + entropy: fold a vocab chunk (CUDA)");
+  m.def("lpe_bwd_cuda", &lpe_bwd_cuda, "log-prob + entropy backward over a vocab chunk (CUDA)");
+#endif
 }

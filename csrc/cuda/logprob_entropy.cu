@@ -1,4 +1,4 @@
-// CUDA kernels for the log-prob + entropy ("lpe") op family. Contract: ../ops.h.
+// CUDA kernels for the log-prob + entropy ("lpe") op family. Contract: ../logprob_entropy.h.
 //
 // Per row, with x = logit * inv_temp in acc_t (double for fp64 logits, float otherwise), one
 // streaming pass over the vocabulary keeps an online state
@@ -21,7 +21,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "../ops.h"
+#include "../logprob_entropy.h"
 #include "stream.h"
 
 namespace axpo {
