@@ -58,3 +58,12 @@ def linear_logprob_entropy(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
         compute_entropy=compute_entropy,
     )
+
+
+# The other op families' references, one module each beside this file, gathered here so that
+# `axpo.ops.reference` names every op's definition.
+from .reference_fork_kv import fork_kv, repeat_interleave_crop  # noqa: E402,F401
+from .reference_group_advantages import (  # noqa: E402,F401
+    group_advantages, group_advantages_index_add, group_advantages_loop,
+)
+from .reference_policy_loss import agg_loss, kl_penalty, policy_loss  # noqa: E402,F401

@@ -1,0 +1,307 @@
+"""Clipped policy-gradient loss (PPO / GRPO / DAPO / AXPO) with KL penalty: custom ops, autograd,
+public function.
+
+Kernels: csrc/cpu/policy_loss.cpp, kernels/policy_loss.py (contract in csrc/policy_loss.h),
+reference: axpo/ops/reference_policy_loss.py (verl's compute_policy_loss + agg_loss + kl_penalty).
+
+Forward: one elementwise pass over the [B, T] tokens that produces per-row sums (loss terms,
+token count, clip counts, metric sums); the aggregation weights and the scalar loss are then
+a few [B]-sized torch ops, with no host sync. Backward: the token terms are recomputed from the
+inputs (nothing [B, T] is saved) and scaled by the per-row weight, so the only [B, T] tensor the
+op ever allocates is the gradient itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate
+from . import reference_policy_loss as reference
+
+_OP = "policy_loss"
+_FAMILY = "policy_loss"
+AGG_MODES = reference.AGG_MODES
+KL_ESTIMATORS = reference.KL_ESTIMATORS
+_KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
+# rows of the per-row sums (csrc/policy_loss.h)
+PG, KL, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, NEG_KL, RATIO = range(8)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernels(backend: str):
+    return _backend.kernels(backend, _FAMILY, ("pl_fwd", "pl_bwd"))
+
+
+def _placeholder(ref: Optional[Tensor], like: Tensor) -> Tensor:
+    return like if ref is None else ref
+
+
+@torch.library.custom_op("axpo::policy_loss_fwd", mutates_args=())
+def _fwd(
+    logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor],
+    lo: float, hi: float, dual_c: float, kl_estimator: int, kl_in_loss: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """[B, T] inputs (prepared by _prepare) -> (loss sums [2, B], metric sums [6, B]), acc dtype.
+
+    Loss sums: pg_sum, kl_sum. Metric sums: count, clip_low, clip_high, clip_dual, neg_kl_sum,
+    ratio_sum (csrc/policy_loss.h). kl_in_loss: whether kl_sum enters the loss (kl_coef != 0);
+    the backward skips the KL term otherwise.
+    """
+    k = kl_estimator if ref is not None else 0
+    stats = _kernels(backend).pl_fwd(logp, old, adv, mask, _placeholder(ref, old), lo, hi, dual_c, k)
+    return stats[:2].clone(), stats[2:].clone()
+
+
+@_fwd.register_fake
+def _(logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, kl_in_loss, backend):
+    acc = _acc_dtype(logp.dtype)
+    n = logp.shape[0]
+    return logp.new_empty((2, n), dtype=acc), logp.new_empty((6, n), dtype=acc)
+
+
+@torch.library.custom_op("axpo::policy_loss_bwd", mutates_args=())
+def _bwd(
+    g: Tensor, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor],
+    lo: float, hi: float, dual_c: float, kl_estimator: int, backend: str,
+) -> Tensor:
+    """g [2, B] (d out / d pg_sum_b, d out / d kl_sum_b) -> grad_logp [B, T] in logp's dtype.
+    kl_estimator 0 (or ref None) drops the KL term."""
+    grad = torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)
+    k = kl_estimator if ref is not None else 0
+    _kernels(backend).pl_bwd(logp, old, adv, mask, _placeholder(ref, old), lo, hi, dual_c, k,
+                             g.contiguous(), grad)
+    return grad
+
+
+@_bwd.register_fake
+def _(g, logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, backend):
+    return torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, kl_in_loss, backend = inputs
+    ctx.save_for_backward(logp, old, adv, mask, ref)
+    ctx.args = (lo, hi, dual_c, kl_estimator if kl_in_loss else 0, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, g_loss, g_metrics):
+    logp, old, adv, mask, ref = ctx.saved_tensors
+    lo, hi, dual_c, kl_estimator, backend = ctx.args
+    if g_loss is None:
+        return (None,) * 11
+    grad = _bwd(g_loss, logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, backend)
+    return (grad,) + (None,) * 10
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _finite_number(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens):
+    _validate.tensor(logprobs, "logprobs", dtypes=_validate.FLOAT_DTYPES, dim=2)
+    shape = tuple(logprobs.shape)
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"logprobs must be a non-empty [B, T] tensor, got shape {shape}")
+    _validate.tensor(old_logprobs, "old_logprobs", dtypes=_validate.FLOAT_DTYPES)
+    if tuple(old_logprobs.shape) != shape:
+        raise ValueError(f"old_logprobs must have logprobs' shape {shape}, got {tuple(old_logprobs.shape)}")
+    _validate.tensor(advantages, "advantages", dtypes=_validate.FLOAT_DTYPES)
+    if tuple(advantages.shape) not in (shape, shape[:1]):
+        raise ValueError(f"advantages must have shape [B] = {shape[:1]} or [B, T] = {shape}, "
+                         f"got {tuple(advantages.shape)}")
+    _validate.tensor(mask, "mask")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have logprobs' shape {shape}, got {tuple(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool or a 0/1 integer / float tensor, got {mask.dtype}")
+    named = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+             ("mask", mask)]
+    if ref_logprobs is not None:
+        _validate.tensor(ref_logprobs, "ref_logprobs", dtypes=_validate.FLOAT_DTYPES)
+        if tuple(ref_logprobs.shape) != shape:
+            raise ValueError(f"ref_logprobs must have logprobs' shape {shape}, got {tuple(ref_logprobs.shape)}")
+        named.append(("ref_logprobs", ref_logprobs))
+    if isinstance(num_tokens, Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens must be a number or a one-element tensor, got shape {tuple(num_tokens.shape)}")
+        named.append(("num_tokens", num_tokens))
+    _validate.same_device(*named)
+
+    lo_clip = _finite_number(clip_low, "clip_low")
+    hi_clip = _finite_number(clip_high, "clip_high")
+    if not 0 <= lo_clip <= 1:
+        raise ValueError(f"clip_low must be in [0, 1] (the ratio is clipped to [1 - clip_low, 1 + clip_high]), got {clip_low!r}")
+    if hi_clip < 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
+    if clip_ratio_c is not None:
+        c = _finite_number(clip_ratio_c, "clip_ratio_c")
+        if not c > 1:
+            raise ValueError(f"clip_ratio_c (the dual-clip bound) must be > 1 or None, got {clip_ratio_c!r}")
+    _finite_number(kl_coef, "kl_coef")
+    if not isinstance(kl_estimator, str) or kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef = {kl_coef!r} needs ref_logprobs (the reference policy's log-probs)")
+    if not isinstance(agg, str) or agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if num_tokens is not None:
+        if agg != "token-mean":
+            raise ValueError(f"num_tokens is only used with agg='token-mean', got agg={agg!r}")
+        if not isinstance(num_tokens, Tensor):
+            n = _finite_number(num_tokens, "num_tokens")
+            if n <= 0:
+                raise ValueError(f"num_tokens must be > 0, got {num_tokens!r}")
+
+    if mask.dtype != torch.bool and _validate._value_checks_enabled():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool); mask{list(idx)} = {mask[idx].item()}")
+
+
+def _as_u8(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8)  # free, keeps the strides
+    if mask.dtype == torch.uint8:
+        return mask
+    return (mask != 0).view(torch.uint8)
+
+
+def _prepare(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs):
+    """The kernels' [B, T] operands: no copy unless the backend needs one."""
+    B, T = logprobs.shape
+    adv = advantages.unsqueeze(-1).expand(B, T) if advantages.dim() == 1 else advantages
+    m = _as_u8(mask)
+    lp, old, ref = logprobs, old_logprobs, ref_logprobs
+    if backend == "triton":
+        return lp, old, adv, m, ref
+    # C++: old / adv / ref in the accumulation dtype, unit column stride (adv: or 0).
+    acc = _acc_dtype(lp.dtype)
+
+    def cols(x: Tensor, allow0: bool = False) -> Tensor:
+        if T > 1 and x.stride(1) != 1 and not (allow0 and x.stride(1) == 0):
+            return x.contiguous()
+        return x
+
+    lp = cols(lp)
+    old = cols(old.to(acc))
+    adv = cols(adv.to(acc), allow0=True)
+    m = cols(m)
+    ref = None if ref is None else cols(ref.to(acc))
+    return lp, old, adv, m, ref
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    clip_ratio_c: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token-mean",
+    num_tokens: int | float | Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped policy-gradient loss with an optional KL penalty, fused forward and backward.
+
+    Per token: ratio = exp(clamp(logp - old, -20, 20));
+    pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with clip_ratio_c (dual
+    clip, > 1), where A < 0: pg = min(pg, -A clip_ratio_c); plus kl_coef * KL(logp, ref) with
+    k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+    Same numbers as verl's compute_policy_loss + agg_loss (verl/trainer/ppo/core_algos.py).
+
+    Args:
+        logprobs: [B, T] fp32 / bf16 / fp16 (computed in fp32) or fp64; the only input that
+            receives a gradient.
+        old_logprobs: [B, T] float. advantages: [B] (one per sequence) or [B, T] float.
+        mask: [B, T] bool, or integer / float holding 0 and 1.
+        ref_logprobs: [B, T] float or None; needed when kl_coef != 0.
+        agg: "token-mean": sum(mask l) / sum(mask), or / num_tokens when given (the global token
+            count across data-parallel ranks, a number or a one-element tensor: no host sync);
+            "seq-mean-token-mean": mean over the B rows of each row's token mean;
+            "seq-mean-token-sum": mean over the B rows of each row's token sum;
+            "seq-mean-token-sum-norm": each row's token sum / T, then the mean over the B rows
+            (Dr. GRPO's constant normalizer; verl's agg_loss skips the mean over rows, so its
+            value is B times this one: scale kl_coef / the learning rate accordingly).
+            Empty mask rows contribute 0 (still counted in the B of the seq-means); an all-masked
+            batch gives loss 0 (not NaN) and a zero gradient.
+        backend: "cpu" | "triton" | "torch" | None (auto; see axpo.ops._backend).
+
+    Returns:
+        loss: 0-d, fp32 (fp64 for fp64 logprobs).
+        metrics: dict of 0-d fp32 tensors (no host sync), masked means over the tokens (0 when
+            none): clipfrac (verl's pg_clipfrac: the clipped branch is active), clipfrac_low /
+            clipfrac_high (its parts with A < 0, ratio < 1 - clip_low / A > 0, ratio > 1 +
+            clip_high), clipfrac_dual (verl's pg_clipfrac_lower; 0 without dual clip), approx_kl
+            (verl's ppo_kl: mean of clamp(old - logp, -20, 20)), ratio_mean, and kl_mean when
+            ref_logprobs is given.
+    """
+    _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens)
+    chosen = _backend.resolve(_OP, logprobs.device, backend)
+    if chosen == "torch":
+        return reference.policy_loss(
+            logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+            clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, agg=agg, num_tokens=num_tokens,
+        )
+    lp, old, adv, m, ref = _prepare(chosen, logprobs, old_logprobs, advantages, mask, ref_logprobs)
+    lo, hi = 1.0 - float(clip_low), 1.0 + float(clip_high)
+    dual_c = float(clip_ratio_c) if clip_ratio_c is not None else 0.0
+    kl_code = _KL_CODE[kl_estimator] if ref is not None else 0
+    kl_in_loss = ref is not None and kl_coef != 0
+    sums, msums = _fwd(lp, old, adv, m, ref, lo, hi, dual_c, kl_code, kl_in_loss, chosen)
+
+    acc = sums.dtype
+    B, T = logprobs.shape
+    count = msums[0]  # [B] tokens per row
+    if agg == "token-mean":
+        if num_tokens is not None:
+            denom = num_tokens.to(acc).reshape(()) if isinstance(num_tokens, Tensor) else float(num_tokens)
+            w = torch.full((B,), 1.0, dtype=acc, device=count.device) / denom
+        else:
+            total = count.sum()
+            w = torch.where(total > 0, 1.0 / total.clamp(min=1), torch.zeros_like(total)).expand(B)
+    elif agg == "seq-mean-token-mean":
+        w = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count)) / B
+    elif agg == "seq-mean-token-sum":
+        w = torch.full((B,), 1.0 / B, dtype=acc, device=count.device)
+    else:  # seq-mean-token-sum-norm
+        w = torch.full((B,), 1.0 / (T * B), dtype=acc, device=count.device)
+    row_loss = sums[0] + float(kl_coef) * sums[1] if kl_in_loss else sums[0]
+    loss = (w * row_loss).sum()
+
+    tot = msums.sum(-1)  # count, clip_low, clip_high, clip_dual, neg_kl, ratio
+    inv = torch.where(tot[0] > 0, 1.0 / tot[0].clamp(min=1), torch.zeros_like(tot[0]))
+    metrics = {
+        "clipfrac": (tot[1] + tot[2]) * inv,
+        "clipfrac_low": tot[1] * inv,
+        "clipfrac_high": tot[2] * inv,
+        "clipfrac_dual": tot[3] * inv,
+        "approx_kl": tot[4] * inv,
+        "ratio_mean": tot[5] * inv,
+    }
+    if ref is not None:
+        metrics["kl_mean"] = sums[1].detach().sum() * inv
+    return loss, {k: v.detach().float() for k, v in metrics.items()}

@@ -1,0 +1,417 @@
+// Clipped policy loss on the CPU: one elementwise pass + per-row sums (see ../policy_loss.h).
+//
+// Rows are split over threads with at::parallel_for; each row is one branch-free loop the
+// compiler vectorizes (selects instead of branches, a polynomial exp for float). The loop is
+// specialized on the KL estimator, the dual clip and the advantage layout ([B] or [B, T]);
+// the entry points are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones).
+#include "../policy_loss.h"
+#include "../registry.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AXPO_PL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AXPO_PL_CLONES
+#endif
+#define AXPO_PL_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+// exp(x) for x in [-87.3, 88.37], float, ~1 ulp (Cephes polynomial), branch-free.
+AXPO_PL_INLINE float pl_exp_core(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.0f ? -87.0f : x);
+  const float t = xc * kLog2e;
+  const int k = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float kf = static_cast<float>(k);
+  float r = xc - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int bits = (k + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return y * scale;
+}
+
+// exp(x) for float over the whole range, ~1 ulp (Cephes polynomial), written without a select
+// on the result (GCC then keeps the loops around it vectorized): the argument is clamped to
+// [-104, 89] and 2^k applied in two halves, so overflow gives +inf and underflow a denormal or
+// 0 by plain float rounding; NaN propagates through the arithmetic.
+AXPO_PL_INLINE float pl_exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const float xc = x > 89.0f ? 89.0f : (x < -104.0f ? -104.0f : x);
+  const float t = xc * kLog2e;
+  const int k = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float kf = static_cast<float>(k);
+  float r = xc - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int k1 = k / 2;
+  const int b1 = (k1 + 127) << 23, b2 = (k - k1 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, sizeof(float));
+  std::memcpy(&s2, &b2, sizeof(float));
+  return (y * s1) * s2;
+}
+AXPO_PL_INLINE double pl_exp(double x) { return std::exp(x); }
+AXPO_PL_INLINE float pl_exp_ratio(float x) { return pl_exp_core(x); }  // x in [-20, 20] or NaN
+AXPO_PL_INLINE double pl_exp_ratio(double x) { return std::exp(x); }
+
+template <typename acc_t>
+struct Consts {
+  acc_t lo, hi, c;
+};
+
+// The loss pieces of one token (see ../policy_loss.h); kDual: dual clip on.
+template <typename acc_t, bool kDual>
+struct Token {
+  acc_t dc, r, na, pg1, pg2, c1, pg3, pg;
+  acc_t in_clamp, neg;  // 1 / 0 flags: bool members keep GCC 12 from vectorizing the loops
+
+  AXPO_PL_INLINE Token(acc_t lp, acc_t old, acc_t a, const Consts<acc_t>& k) {
+    const acc_t d = lp - old;
+    in_clamp = (d >= acc_t(-20)) ? ((d <= acc_t(20)) ? acc_t(1) : acc_t(0)) : acc_t(0);
+    dc = d < acc_t(-20) ? acc_t(-20) : (d > acc_t(20) ? acc_t(20) : d);  // NaN stays NaN
+    r = pl_exp_ratio(dc);
+    na = -a;
+    pg1 = na * r;
+    const acc_t rc = r < k.lo ? k.lo : (r > k.hi ? k.hi : r);
+    pg2 = na * rc;
+    // torch.maximum. NaN: pg1 and pg2 are NaN together (r > 0 and clamp(r) > 0 are finite),
+    // and a NaN pg1 fails the comparison and is kept.
+    c1 = pg2 > pg1 ? pg2 : pg1;
+    neg = a < acc_t(0) ? acc_t(1) : acc_t(0);
+    pg = c1;
+    pg3 = acc_t(0);
+    if constexpr (kDual) {
+      pg3 = na * k.c;
+      const acc_t c2 = pg3 < c1 ? pg3 : c1;  // torch.min(pg3, c1); a NaN c1 is kept
+      pg = a < acc_t(0) ? c2 : c1;
+    }
+  }
+
+  // d pg / d logp, with the tie rules of autograd (clamp inclusive, max / min halves).
+  AXPO_PL_INLINE acc_t grad(const Consts<acc_t>& k) const {
+    const bool tie = pg1 == pg2;
+    const acc_t g1 = pg1 > pg2 ? acc_t(1) : (tie ? acc_t(0.5) : acc_t(0));
+    const acc_t g2 = pg2 > pg1 ? acc_t(1) : (tie ? acc_t(0.5) : acc_t(0));
+    const bool in_r = (r >= k.lo) & (r <= k.hi);
+    acc_t gc1 = acc_t(1);
+    if constexpr (kDual) {
+      const acc_t gd = c1 < pg3 ? acc_t(1) : (c1 == pg3 ? acc_t(0.5) : acc_t(0));
+      gc1 = neg != acc_t(0) ? gd : acc_t(1);
+    }
+    const acc_t dr = gc1 * (g1 * na + (in_r ? g2 * na : acc_t(0)));
+    return in_clamp != acc_t(0) ? dr * r : acc_t(0);
+  }
+};
+
+// kl (kKl = 1, 2, 3: k1, k2, k3) and its derivative w.r.t. logp.
+template <typename acc_t, int kKl>
+AXPO_PL_INLINE acc_t kl_value(acc_t lp, acc_t ref) {
+  if constexpr (kKl == 1) return lp - ref;
+  if constexpr (kKl == 2) { const acc_t x = lp - ref; return acc_t(0.5) * (x * x); }
+  if constexpr (kKl == 3) { const acc_t x = ref - lp; return pl_exp(x) - x - acc_t(1); }
+  return acc_t(0);
+}
+template <typename acc_t, int kKl>
+AXPO_PL_INLINE acc_t kl_grad(acc_t lp, acc_t ref) {
+  if constexpr (kKl == 1) return acc_t(1);
+  if constexpr (kKl == 2) return lp - ref;
+  if constexpr (kKl == 3) return acc_t(1) - pl_exp(ref - lp);
+  return acc_t(0);
+}
+
+constexpr int64_t kTile = 512;      // tokens per forward tile: 8 buffers of 2 KiB (fp32) in L1
+constexpr int64_t kBwdTile = 1024;  // tokens per backward tile: 4 KiB of fp32, stays in L1
+
+struct Ptrs {
+  const void* logp;
+  const void* old;
+  const void* adv;
+  const uint8_t* mask;
+  const void* ref;
+  int64_t s_logp, s_old, s_adv, s_mask, s_ref;  // row strides (elements)
+  int64_t T;
+};
+
+template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
+AXPO_PL_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
+                             int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* lp_row = static_cast<const scalar_t*>(p.logp) + b * p.s_logp;
+    const acc_t* old_row = static_cast<const acc_t*>(p.old) + b * p.s_old;
+    const acc_t* adv_row = static_cast<const acc_t*>(p.adv) + b * p.s_adv;
+    const uint8_t* m_row = p.mask + b * p.s_mask;
+    const acc_t* ref_row = static_cast<const acc_t*>(p.ref) + b * p.s_ref;
+    const acc_t a_row = kAdvRow ? adv_row[0] : acc_t(0);
+    // Tiles: the math loop writes the masked per-token terms to L1 buffers (a loop without
+    // reductions, which GCC vectorizes), then one simple vectorized sum per buffer.
+    alignas(64) acc_t buf[kPlStats][kTile];
+    acc_t sums[kPlStats] = {};
+    for (int64_t t0 = 0; t0 < p.T; t0 += kTile) {
+      const int64_t len = p.T - t0 < kTile ? p.T - t0 : kTile;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = t0 + j;
+        const acc_t mf = m_row[t] != 0 ? acc_t(1) : acc_t(0);
+        const bool m = mf != acc_t(0);
+        const acc_t lp = static_cast<acc_t>(lp_row[t]);
+        const acc_t a = kAdvRow ? a_row : adv_row[t];
+        const Token<acc_t, kDual> tok(lp, old_row[t], a, k);
+        const acc_t clipped = tok.pg2 > tok.pg1 ? mf : acc_t(0);  // masked flag
+        buf[0][j] = m ? tok.pg : acc_t(0);
+        acc_t klv = acc_t(0);
+        if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(lp, ref_row[t]);
+        buf[1][j] = m ? klv : acc_t(0);
+        buf[2][j] = mf;
+        buf[3][j] = clipped * tok.neg;
+        buf[4][j] = a > acc_t(0) ? clipped : acc_t(0);
+        buf[5][j] = kDual && tok.c1 > tok.pg3 ? mf * tok.neg : acc_t(0);
+        buf[6][j] = m ? -tok.dc : acc_t(0);
+        buf[7][j] = m ? tok.r : acc_t(0);
+      }
+      for (int64_t q = 0; q < kPlStats; ++q) {
+        acc_t s = 0;
+        const acc_t* bq = buf[q];
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < len; ++j) s += bq[j];
+        sums[q] += s;
+      }
+    }
+    acc_t* o = out + b;
+    for (int64_t q = 0; q < kPlStats; ++q) o[q * B] = sums[q];
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
+AXPO_PL_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t* g, int64_t B,
+                             scalar_t* grad, int64_t s_grad, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* lp_row = static_cast<const scalar_t*>(p.logp) + b * p.s_logp;
+    const acc_t* old_row = static_cast<const acc_t*>(p.old) + b * p.s_old;
+    const acc_t* adv_row = static_cast<const acc_t*>(p.adv) + b * p.s_adv;
+    const uint8_t* m_row = p.mask + b * p.s_mask;
+    const acc_t* ref_row = static_cast<const acc_t*>(p.ref) + b * p.s_ref;
+    scalar_t* g_row = grad + b * s_grad;
+    const acc_t g_pg = g[b], g_kl = g[B + b];
+    const acc_t a_row = kAdvRow ? adv_row[0] : acc_t(0);
+    // Tiles through an acc_t buffer: the math loop and the store (with its dtype conversion)
+    // vectorize separately.
+    alignas(64) acc_t buf[kBwdTile];
+    for (int64_t t0 = 0; t0 < p.T; t0 += kBwdTile) {
+      const int64_t len = p.T - t0 < kBwdTile ? p.T - t0 : kBwdTile;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = t0 + j;
+        const bool m = m_row[t] != 0;
+        const acc_t lp = static_cast<acc_t>(lp_row[t]);
+        const acc_t a = kAdvRow ? a_row : adv_row[t];
+        const Token<acc_t, kDual> tok(lp, old_row[t], a, k);
+        acc_t d = g_pg * tok.grad(k);
+        if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(lp, ref_row[t]);
+        buf[j] = m ? d : acc_t(0);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) g_row[t0 + j] = static_cast<scalar_t>(buf[j]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
+AXPO_PL_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
+                           int64_t b0, int64_t b1) {
+  switch (kl) {
+    case 1: fwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 2: fwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 3: fwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+    default: fwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
+AXPO_PL_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const acc_t* g,
+                           int64_t B, scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {
+  switch (kl) {
+    case 1: bwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 2: bwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 3: bwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    default: bwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+  }
+}
+
+// Non-template entry points carry the ISA clones; the templates above inline into each clone.
+#define AXPO_PL_INSTANTIATE(NAME, scalar_t, acc_t)                                                \
+  AXPO_PL_CLONES void pl_fwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+                                    const Consts<acc_t>& k, acc_t* out, int64_t B, int64_t b0,   \
+                                    int64_t b1) {                                                 \
+    if (dual) {                                                                                   \
+      if (adv_row) fwd_kl<scalar_t, acc_t, true, true>(kl, p, k, out, B, b0, b1);                 \
+      else fwd_kl<scalar_t, acc_t, true, false>(kl, p, k, out, B, b0, b1);                        \
+    } else {                                                                                      \
+      if (adv_row) fwd_kl<scalar_t, acc_t, false, true>(kl, p, k, out, B, b0, b1);                \
+      else fwd_kl<scalar_t, acc_t, false, false>(kl, p, k, out, B, b0, b1);                       \
+    }                                                                                             \
+  }                                                                                               \
+  AXPO_PL_CLONES void pl_bwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+                                    const Consts<acc_t>& k, const acc_t* g, int64_t B,           \
+                                    scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {     \
+    if (dual) {                                                                                   \
+      if (adv_row) bwd_kl<scalar_t, acc_t, true, true>(kl, p, k, g, B, grad, s_grad, b0, b1);     \
+      else bwd_kl<scalar_t, acc_t, true, false>(kl, p, k, g, B, grad, s_grad, b0, b1);            \
+    } else {                                                                                      \
+      if (adv_row) bwd_kl<scalar_t, acc_t, false, true>(kl, p, k, g, B, grad, s_grad, b0, b1);    \
+      else bwd_kl<scalar_t, acc_t, false, false>(kl, p, k, g, B, grad, s_grad, b0, b1);           \
+    }                                                                                             \
+  }                                                                                               \
+  inline void pl_fwd_dispatch(int kl, bool dual, bool adv_row, const Ptrs& p,                    \
+                              const Consts<acc_t>& k, acc_t* out, int64_t B, int64_t b0,         \
+                              int64_t b1, const scalar_t*) {                                      \
+    pl_fwd_##NAME(kl, dual, adv_row, p, k, out, B, b0, b1);                                       \
+  }                                                                                               \
+  inline void pl_bwd_dispatch(int kl, bool dual, bool adv_row, const Ptrs& p,                    \
+                              const Consts<acc_t>& k, const acc_t* g, int64_t B, scalar_t* grad, \
+                              int64_t s_grad, int64_t b0, int64_t b1) {                           \
+    pl_bwd_##NAME(kl, dual, adv_row, p, k, g, B, grad, s_grad, b0, b1);                           \
+  }
+
+AXPO_PL_INSTANTIATE(f32, float, float)
+AXPO_PL_INSTANTIATE(f64, double, double)
+AXPO_PL_INSTANTIATE(bf16, c10::BFloat16, float)
+AXPO_PL_INSTANTIATE(f16, c10::Half, float)
+
+at::ScalarType pl_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// [B, T] CPU tensor of `dtype` whose columns are contiguous (column stride 1, or 0 if allowed).
+void check_bt(const at::Tensor& x, const char* name, int64_t B, int64_t T, at::ScalarType dtype,
+              bool allow_col_stride0 = false) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == T, name, " must have shape [", B,
+              ", ", T, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == dtype, name, " must be ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(T <= 1 || x.stride(1) == 1 || (allow_col_stride0 && x.stride(1) == 0), name,
+              " must have column stride 1", allow_col_stride0 ? " or 0" : "", ", got strides ",
+              x.strides());
+}
+
+struct Prepared {
+  Ptrs p;
+  int64_t B, T;
+  bool adv_row;
+  int kl;
+};
+
+Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
+                 const at::Tensor& mask, const at::Tensor& ref, int64_t kl_estimator) {
+  TORCH_CHECK(logp.device().is_cpu(), "logp must be a CPU tensor, got ", logp.device());
+  TORCH_CHECK(logp.dim() == 2, "logp must be 2-D [B, T], got shape ", logp.sizes());
+  TORCH_CHECK(at::isFloatingType(logp.scalar_type()) &&
+                  (logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble ||
+                   logp.scalar_type() == at::kBFloat16 || logp.scalar_type() == at::kHalf),
+              "logp must be fp16, bf16, fp32 or fp64, got ", logp.scalar_type());
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, "kl_estimator must be 0 (none), 1, 2 or 3, got ",
+              kl_estimator);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const auto acc = pl_acc_type(logp.scalar_type());
+  check_bt(logp, "logp", B, T, logp.scalar_type());
+  check_bt(old, "old", B, T, acc);
+  check_bt(adv, "adv", B, T, acc, /*allow_col_stride0=*/true);
+  check_bt(mask, "mask", B, T, at::kByte);
+  if (kl_estimator != 0) check_bt(ref, "ref", B, T, acc);
+  Prepared r;
+  r.B = B;
+  r.T = T;
+  r.adv_row = T > 1 && adv.stride(1) == 0;
+  r.kl = static_cast<int>(kl_estimator);
+  r.p.logp = logp.data_ptr();
+  r.p.old = old.data_ptr();
+  r.p.adv = adv.data_ptr();
+  r.p.mask = mask.data_ptr<uint8_t>();
+  r.p.ref = kl_estimator != 0 ? ref.data_ptr() : old.data_ptr();  // placeholder, never read
+  r.p.s_logp = logp.stride(0);
+  r.p.s_old = old.stride(0);
+  r.p.s_adv = adv.stride(0);
+  r.p.s_mask = mask.stride(0);
+  r.p.s_ref = kl_estimator != 0 ? ref.stride(0) : old.stride(0);
+  r.p.T = T;
+  return r;
+}
+
+// Rows per parallel task: about 32K tokens per task.
+inline int64_t grain_rows(int64_t T) {
+  const int64_t g = (int64_t(1) << 15) / (T > 0 ? T : 1);
+  return g > 1 ? g : 1;
+}
+
+}  // namespace
+
+at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
+                      const at::Tensor& mask, const at::Tensor& ref, double lo, double hi,
+                      double dual_c, int64_t kl_estimator) {
+  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator);
+  auto out = at::zeros({kPlStats, pr.B}, logp.options().dtype(pl_acc_type(logp.scalar_type())));
+  if (pr.B == 0 || pr.T == 0) return out;
+  // Without dual clip the forward runs the dual-clip loop with clip_ratio_c = +inf, which gives
+  // the same numbers (min(c1, +inf) = c1, no dual count): GCC 12 vectorizes that loop and not the
+  // plain one (measured: ~2.3 vs ~12 ns / token on AVX2).
+  const bool dual = true;
+  const double c_eff = dual_c > 0 ? dual_c : std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(c_eff)};
+    acc_t* o = out.data_ptr<acc_t>();
+    at::parallel_for(0, pr.B, grain_rows(pr.T), [&](int64_t b0, int64_t b1) {
+      pl_fwd_dispatch(pr.kl, dual, pr.adv_row, pr.p, k, o, pr.B, b0, b1,
+                      static_cast<const scalar_t*>(nullptr));
+    });
+  });
+  return out;
+}
+
+void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
+                const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
+                int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp) {
+  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator);
+  const auto acc = pl_acc_type(logp.scalar_type());
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 2 && g.size(0) == 2 && g.size(1) == pr.B &&
+                  g.scalar_type() == acc && g.is_contiguous(),
+              "g must be a contiguous CPU tensor [2, ", pr.B, "] of ", acc, ", got ", g.sizes(), " ",
+              g.scalar_type());
+  check_bt(grad_logp, "grad_logp", pr.B, pr.T, logp.scalar_type());
+  if (pr.B == 0 || pr.T == 0) return;
+  const bool dual = dual_c > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi),
+                          static_cast<acc_t>(dual ? dual_c : 0.0)};
+    const acc_t* gp = g.data_ptr<acc_t>();
+    scalar_t* out = grad_logp.data_ptr<scalar_t>();
+    const int64_t s_grad = grad_logp.stride(0);
+    at::parallel_for(0, pr.B, grain_rows(pr.T), [&](int64_t b0, int64_t b1) {
+      pl_bwd_dispatch(pr.kl, dual, pr.adv_row, pr.p, k, gp, pr.B, out, s_grad, b0, b1);
+    });
+  });
+}
+
+AXPO_BIND(policy_loss) {
+  m.def("pl_fwd_cpu", &pl_fwd_cpu, "policy loss forward: per-row sums [8, B] (CPU)");
+  m.def("pl_bwd_cpu", &pl_bwd_cpu, "policy loss backward: gradient w.r.t. logp (CPU)");
+}
