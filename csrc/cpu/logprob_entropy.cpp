@@ -8,51 +8,26 @@
 // at load time (target_clones), so the wheel runs on any x86-64 CPU.
 #include "../logprob_entropy.h"
 #include "../registry.h"
+#include "fast_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AXPO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AXPO_CPU_CLONES
-#endif
-// Everything a clone calls must be inlined into it to be compiled for the clone's ISA
-// (GCC does not inline across different -march otherwise).
-#define AXPO_INLINE inline __attribute__((always_inline))
 
 namespace {
 
 constexpr int64_t kTile = 2048;  // elements per tile: 8 KiB of fp32, stays in L1
 
-// exp(x) for float, ~1 ulp (Cephes polynomial), branch-free so loops over it vectorize.
-// -inf and anything below the smallest normal result give exactly 0; NaN propagates.
-AXPO_INLINE float exp_acc(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.0f ? -87.0f : x);
-  const float t = xc * kLog2e;
-  const int k = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float kf = static_cast<float>(k);
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int bits = (k + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  const float out = x < -87.33654f ? 0.f : y * scale;
+// exp for the accumulation type. float: the vectorizable polynomial; -inf and anything below
+// the smallest normal result give exactly 0, NaN propagates.
+AXPO_CPU_INLINE float exp_acc(float x) {
+  const float out = x < -87.33654f ? 0.f : axpo::cpu::exp_clamped(x);
   return x != x ? x : out;
 }
-AXPO_INLINE double exp_acc(double x) { return std::exp(x); }
+AXPO_CPU_INLINE double exp_acc(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct RowState {
@@ -62,7 +37,7 @@ struct RowState {
 
   // Merges a tile's (mt, st, wt). A side with s == 0 contributes nothing: this keeps
   // -inf - -inf out of the arithmetic when whole tiles or rows are masked.
-  AXPO_INLINE void merge(acc_t mt, acc_t st, acc_t wt) {
+  AXPO_CPU_INLINE void merge(acc_t mt, acc_t st, acc_t wt) {
     if (st == 0) return;
     if (s == 0) { m = mt; s = st; w = wt; return; }
     const acc_t mn = m > mt ? m : mt;
@@ -74,14 +49,14 @@ struct RowState {
 };
 
 template <typename scalar_t, typename acc_t>
-AXPO_INLINE void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t inv_temp) {
+AXPO_CPU_INLINE void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t inv_temp) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_temp;
 }
 
 // Folds one row's chunk [0, n) into st. Returns nothing: state is in/out.
 template <typename scalar_t, typename acc_t, bool kEntropy>
-AXPO_INLINE void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowState<acc_t>& st) {
+AXPO_CPU_INLINE void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowState<acc_t>& st) {
   alignas(64) acc_t buf[kTile];
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
@@ -109,7 +84,7 @@ AXPO_INLINE void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, RowSta
 }
 
 template <typename scalar_t, typename acc_t>
-AXPO_INLINE acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, int64_t n,
+AXPO_CPU_INLINE acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, int64_t n,
                      acc_t inv_temp) {
   const int64_t j = label - v_offset;
   if (j < 0 || j >= n) return std::numeric_limits<acc_t>::quiet_NaN();
@@ -118,7 +93,7 @@ AXPO_INLINE acc_t label_x(const scalar_t* row, int64_t label, int64_t v_offset, 
 
 // Full rows: logprob, entropy, lse for rows [begin, end).
 template <typename scalar_t, typename acc_t, bool kEntropy>
-AXPO_INLINE void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride`
+AXPO_CPU_INLINE void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride`
                      const int64_t* labels,   // [N]
                      acc_t* out,              // [3, N]
                      int64_t N, int64_t V, int64_t stride, acc_t inv_temp,
@@ -138,7 +113,7 @@ AXPO_INLINE void fwd_rows(const scalar_t* logits,  // [N, V], row stride `stride
 
 // One vocab chunk: update state [4, N] (m, s, w, xl) for rows [begin, end).
 template <typename scalar_t, typename acc_t, bool kEntropy>
-AXPO_INLINE void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stride`
+AXPO_CPU_INLINE void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stride`
                        const int64_t* labels,   // [N]
                        acc_t* state,            // [4, N]
                        int64_t N, int64_t C, int64_t stride, int64_t v_offset,
@@ -156,7 +131,7 @@ AXPO_INLINE void chunk_rows(const scalar_t* logits,  // [N, C], row stride `stri
 }
 
 template <typename scalar_t, typename acc_t, bool kEntropyGrad>
-AXPO_INLINE void bwd_rows(const scalar_t* logits,   // [N, C], row stride `stride`
+AXPO_CPU_INLINE void bwd_rows(const scalar_t* logits,   // [N, C], row stride `stride`
                      const int64_t* labels,    // [N]
                      const acc_t* lse,         // [N]
                      const acc_t* entropy,     // [N]

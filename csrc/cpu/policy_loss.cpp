@@ -6,74 +6,21 @@
 // the entry points are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones).
 #include "../policy_loss.h"
 #include "../registry.h"
+#include "fast_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AXPO_PL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AXPO_PL_CLONES
-#endif
-#define AXPO_PL_INLINE inline __attribute__((always_inline))
 
 namespace {
 
-// exp(x) for x in [-87.3, 88.37], float, ~1 ulp (Cephes polynomial), branch-free.
-AXPO_PL_INLINE float pl_exp_core(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.0f ? -87.0f : x);
-  const float t = xc * kLog2e;
-  const int k = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float kf = static_cast<float>(k);
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int bits = (k + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return y * scale;
-}
-
-// exp(x) for float over the whole range, ~1 ulp (Cephes polynomial), written without a select
-// on the result (GCC then keeps the loops around it vectorized): the argument is clamped to
-// [-104, 89] and 2^k applied in two halves, so overflow gives +inf and underflow a denormal or
-// 0 by plain float rounding; NaN propagates through the arithmetic.
-AXPO_PL_INLINE float pl_exp(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  const float xc = x > 89.0f ? 89.0f : (x < -104.0f ? -104.0f : x);
-  const float t = xc * kLog2e;
-  const int k = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float kf = static_cast<float>(k);
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int k1 = k / 2;
-  const int b1 = (k1 + 127) << 23, b2 = (k - k1 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, sizeof(float));
-  std::memcpy(&s2, &b2, sizeof(float));
-  return (y * s1) * s2;
-}
-AXPO_PL_INLINE double pl_exp(double x) { return std::exp(x); }
-AXPO_PL_INLINE float pl_exp_ratio(float x) { return pl_exp_core(x); }  // x in [-20, 20] or NaN
-AXPO_PL_INLINE double pl_exp_ratio(double x) { return std::exp(x); }
+AXPO_CPU_INLINE float pl_exp(float x) { return axpo::cpu::exp_full(x); }
+AXPO_CPU_INLINE double pl_exp(double x) { return std::exp(x); }
+AXPO_CPU_INLINE float pl_exp_ratio(float x) { return axpo::cpu::exp_clamped(x); }  // x in [-20, 20] or NaN
+AXPO_CPU_INLINE double pl_exp_ratio(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct Consts {
@@ -86,7 +33,7 @@ struct Token {
   acc_t dc, r, na, pg1, pg2, c1, pg3, pg;
   acc_t in_clamp, neg;  // 1 / 0 flags: bool members keep GCC 12 from vectorizing the loops
 
-  AXPO_PL_INLINE Token(acc_t lp, acc_t old, acc_t a, const Consts<acc_t>& k) {
+  AXPO_CPU_INLINE Token(acc_t lp, acc_t old, acc_t a, const Consts<acc_t>& k) {
     const acc_t d = lp - old;
     in_clamp = (d >= acc_t(-20)) ? ((d <= acc_t(20)) ? acc_t(1) : acc_t(0)) : acc_t(0);
     dc = d < acc_t(-20) ? acc_t(-20) : (d > acc_t(20) ? acc_t(20) : d);  // NaN stays NaN
@@ -109,7 +56,7 @@ struct Token {
   }
 
   // d pg / d logp, with the tie rules of autograd (clamp inclusive, max / min halves).
-  AXPO_PL_INLINE acc_t grad(const Consts<acc_t>& k) const {
+  AXPO_CPU_INLINE acc_t grad(const Consts<acc_t>& k) const {
     const bool tie = pg1 == pg2;
     const acc_t g1 = pg1 > pg2 ? acc_t(1) : (tie ? acc_t(0.5) : acc_t(0));
     const acc_t g2 = pg2 > pg1 ? acc_t(1) : (tie ? acc_t(0.5) : acc_t(0));
@@ -126,14 +73,14 @@ struct Token {
 
 // kl (kKl = 1, 2, 3: k1, k2, k3) and its derivative w.r.t. logp.
 template <typename acc_t, int kKl>
-AXPO_PL_INLINE acc_t kl_value(acc_t lp, acc_t ref) {
+AXPO_CPU_INLINE acc_t kl_value(acc_t lp, acc_t ref) {
   if constexpr (kKl == 1) return lp - ref;
   if constexpr (kKl == 2) { const acc_t x = lp - ref; return acc_t(0.5) * (x * x); }
   if constexpr (kKl == 3) { const acc_t x = ref - lp; return pl_exp(x) - x - acc_t(1); }
   return acc_t(0);
 }
 template <typename acc_t, int kKl>
-AXPO_PL_INLINE acc_t kl_grad(acc_t lp, acc_t ref) {
+AXPO_CPU_INLINE acc_t kl_grad(acc_t lp, acc_t ref) {
   if constexpr (kKl == 1) return acc_t(1);
   if constexpr (kKl == 2) return lp - ref;
   if constexpr (kKl == 3) return acc_t(1) - pl_exp(ref - lp);
@@ -154,7 +101,7 @@ struct Ptrs {
 };
 
 template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
-AXPO_PL_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
+AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
                              int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* lp_row = static_cast<const scalar_t*>(p.logp) + b * p.s_logp;
@@ -203,7 +150,7 @@ AXPO_PL_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, 
 }
 
 template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
-AXPO_PL_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t* g, int64_t B,
+AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t* g, int64_t B,
                              scalar_t* grad, int64_t s_grad, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* lp_row = static_cast<const scalar_t*>(p.logp) + b * p.s_logp;
@@ -237,7 +184,7 @@ AXPO_PL_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t*
 }
 
 template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
-AXPO_PL_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
+AXPO_CPU_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
                            int64_t b0, int64_t b1) {
   switch (kl) {
     case 1: fwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
@@ -248,7 +195,7 @@ AXPO_PL_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t*
 }
 
 template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
-AXPO_PL_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const acc_t* g,
+AXPO_CPU_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const acc_t* g,
                            int64_t B, scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {
   switch (kl) {
     case 1: bwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
@@ -260,7 +207,7 @@ AXPO_PL_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const 
 
 // Non-template entry points carry the ISA clones; the templates above inline into each clone.
 #define AXPO_PL_INSTANTIATE(NAME, scalar_t, acc_t)                                                \
-  AXPO_PL_CLONES void pl_fwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+  AXPO_CPU_CLONES void pl_fwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
                                     const Consts<acc_t>& k, acc_t* out, int64_t B, int64_t b0,   \
                                     int64_t b1) {                                                 \
     if (dual) {                                                                                   \
@@ -271,7 +218,7 @@ AXPO_PL_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const 
       else fwd_kl<scalar_t, acc_t, false, false>(kl, p, k, out, B, b0, b1);                       \
     }                                                                                             \
   }                                                                                               \
-  AXPO_PL_CLONES void pl_bwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+  AXPO_CPU_CLONES void pl_bwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
                                     const Consts<acc_t>& k, const acc_t* g, int64_t B,           \
                                     scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {     \
     if (dual) {                                                                                   \
