@@ -811,3 +811,33 @@ def write_plot(path: Path, title: str, rows: Sequence[dict], modes: Sequence[str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def publish(args, family: str, device: torch.device, env: dict, rows: list[dict], payload: dict,
+            preamble: Sequence[str], epilogue: Sequence[str], modes: Sequence[str] = MODES,
+            elapsed: float = 0.0) -> int:
+    """Writes <family>_<device>.json|md|png under args.out and prints the table and summary.
+
+    `payload` holds the family's extra JSON fields; family, env, args, elapsed_s and rows are
+    added here. Rows whose status is MISMATCH are called out in the markdown and on stderr.
+    """
+    bad = [r for r in rows if r["status"] == "MISMATCH"]
+    epilogue = list(epilogue)
+    if bad:
+        epilogue += ["", f"**{len(bad)} row(s) did NOT match the reference** (status MISMATCH)."]
+    paths = output_paths(args.out, family, device)
+    write_json(paths["json"], {"family": family, "env": env, "args": vars(args), "elapsed_s": elapsed,
+                               **payload, "rows": rows})
+    title = f"{family} on {env['device_name']}"
+    write_markdown(paths["md"], title, env, rows, preamble, epilogue)
+    if not args.no_plot:
+        write_plot(paths["png"], title, rows, modes)
+    print(format_markdown_table(rows))
+    print()
+    for line in epilogue:
+        print(line)
+    if bad:
+        print(f"WARNING: {len(bad)} row(s) did not match the reference: see status MISMATCH", file=sys.stderr)
+    print(f"wrote {paths['json']}, {paths['md']}" + ("" if args.no_plot else f", {paths['png']}")
+          + f" ({elapsed:.0f} s)")
+    return 0

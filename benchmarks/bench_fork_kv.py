@@ -238,23 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tensor by tensor). Peak extra = peak memory of one call above what was allocated before "
         f"(the output included). Total run time {elapsed:.0f} s.",
     ]
-    bad = [r for r in rows_out if r["status"] == "MISMATCH"]
-    epilogue = bw_lines + ([f"", f"**{len(bad)} row(s) did NOT match the reference** (status MISMATCH)."] if bad else [])
-    paths = H.output_paths(args.out, FAMILY, device)
-    payload = {"family": FAMILY, "env": env, "args": vars(args), "config": cfg, "repeats": repeats,
-               "warmup": warmup, "elapsed_s": elapsed, "copy_bandwidth": copy, "rows": rows_out}
-    H.write_json(paths["json"], payload)
-    H.write_markdown(paths["md"], f"{FAMILY} on {env['device_name']}", env, rows_out, preamble, epilogue)
-    if not args.no_plot:
-        H.write_plot(paths["png"], f"{FAMILY} on {env['device_name']}", rows_out, ["fwd"])
-    print(H.format_markdown_table(rows_out))
-    print()
-    print("\n".join(epilogue))
-    if bad:
-        print(f"WARNING: {len(bad)} row(s) did not match the reference", file=sys.stderr)
-    print(f"wrote {paths['json']}, {paths['md']}" + ("" if args.no_plot else f", {paths['png']}")
-          + f" ({elapsed:.0f} s)")
-    return 0
+    payload = {"config": cfg, "repeats": repeats, "warmup": warmup, "copy_bandwidth": copy}
+    return H.publish(args, FAMILY, device, env, rows_out, payload, preamble, bw_lines, ["fwd"], elapsed)
 
 
 if __name__ == "__main__":

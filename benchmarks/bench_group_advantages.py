@@ -175,9 +175,6 @@ def main(argv: list[str] | None = None) -> int:
             med = next(r["median_ms"] for r in rows if r["impl"] == impl and r["rewards"] == kind)
             lines.append(f"| {kind} | {impl} | {med:.3f} | {fmt(rr['vs_loop'], TARGET_VS_LOOP)} | "
                          f"{fmt(rr['vs_index_add'], TARGET_VS_INDEX_ADD)} | {fmt(rr['vs_verl'])} |")
-    bad = [r for r in rows if r["status"] == "MISMATCH"]
-    if bad:
-        lines += ["", f"**{len(bad)} row(s) did NOT match the reference** (status MISMATCH)."]
     preamble = [
         f"R = {args.n} rewards in groups of random sizes {args.min_size}..{args.max_size}, shuffled "
         f"non-contiguous int64 labels, scale={args.scale!r}. Median of {repeats} calls after "
@@ -186,25 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "axpo rows time the public function, the finiteness check of the rewards (one sync) "
         f"included. speedup vs ref = vs the fp64 torch reference. Total run time {elapsed:.0f} s.",
     ]
-    paths = H.output_paths(args.out, FAMILY, device)
-    payload = {"family": FAMILY, "env": env, "args": vars(args), "repeats": repeats,
-               "warmup": warmup, "elapsed_s": elapsed, "targets": {
-                   "vs_loop": TARGET_VS_LOOP, "vs_index_add": TARGET_VS_INDEX_ADD},
+    payload = {"repeats": repeats, "warmup": warmup,
+               "targets": {"vs_loop": TARGET_VS_LOOP, "vs_index_add": TARGET_VS_INDEX_ADD},
                "ratios": ratios_by_case[headline_kind], "ratios_by_case": ratios_by_case,
-               "headline": lines, "rows": rows}
-    H.write_json(paths["json"], payload)
-    H.write_markdown(paths["md"], f"{FAMILY} on {env['device_name']}", env, rows, preamble, lines)
-    if not args.no_plot:
-        H.write_plot(paths["png"], f"{FAMILY} on {env['device_name']}", rows, ["fwd"])
-    print(H.format_markdown_table(rows))
-    print()
-    for line in lines:
-        print(line)
-    if bad:
-        print(f"WARNING: {len(bad)} row(s) did not match the reference", file=sys.stderr)
-    print(f"wrote {paths['json']}, {paths['md']}" + ("" if args.no_plot else f", {paths['png']}")
-          + f" ({elapsed:.0f} s)")
-    return 0
+               "headline": lines}
+    return H.publish(args, FAMILY, device, env, rows, payload, preamble, lines, ["fwd"], elapsed)
 
 
 if __name__ == "__main__":

@@ -599,8 +599,6 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     H.add_ratios(rows, ["op", "dtype", "shape", "mode", "temperature"])
 
-    paths = H.output_paths(args.out, FAMILY, device)
-    bad = [r for r in rows if r["status"] == "MISMATCH"]
     headline = headline_lines(rows) if not cuda else []
     preamble = [
         f"Reference: axpo.ops.reference (plain PyTorch). Modes: fwd = forward with inputs requiring "
@@ -614,24 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         preamble.append(
             "CPU grid: op linear at small H because a [4096, 4096] x [4096, 151936] CPU matmul takes "
             "minutes; any (impl, mode) estimated above --max-call-s per call is skipped.")
-    epilogue = headline + ([""] if headline else []) + (
-        [f"**{len(bad)} row(s) did NOT match the reference** (status MISMATCH)."] if bad else [])
-    payload = {"family": FAMILY, "env": env, "args": vars(args), "modes": modes,
-               "repeats": repeats, "warmup": warmup, "max_call_s": max_call_s,
-               "elapsed_s": elapsed, "headline": headline, "rows": rows}
-    H.write_json(paths["json"], payload)
-    H.write_markdown(paths["md"], f"{FAMILY} on {env['device_name']}", env, rows, preamble, epilogue)
-    if not args.no_plot:
-        H.write_plot(paths["png"], f"{FAMILY} on {env['device_name']}", rows, modes)
-    print(H.format_markdown_table(rows))
-    for line in epilogue:
-        print(line)
-    if bad:
-        print(f"WARNING: {len(bad)} row(s) did not match the reference: see status MISMATCH",
-              file=sys.stderr)
-    print(f"wrote {paths['json']}, {paths['md']}" + ("" if args.no_plot else f", {paths['png']}")
-          + f" ({elapsed:.0f} s)")
-    return 0
+    payload = {"modes": modes, "repeats": repeats, "warmup": warmup, "max_call_s": max_call_s,
+               "headline": headline}
+    return H.publish(args, FAMILY, device, env, rows, payload, preamble, headline, modes, elapsed)
 
 
 if __name__ == "__main__":

@@ -388,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     H.add_ratios(rows, ["op", "dtype", "shape", "mode"])
 
-    paths = H.output_paths(args.out, FAMILY, device)
-    bad = [r for r in rows if r["status"] == "MISMATCH"]
     headline = _headline(rows, bt)
     preamble = [
         "op policy_loss: logprobs [B, T] fp32, advantages [B], ragged bool mask (lengths in [T/8, T]), "
@@ -400,22 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "Peak extra = peak memory of one call above what was allocated before it (inputs excluded). "
         f"Total run time {elapsed:.0f} s.",
     ]
-    epilogue = headline + ([""] if headline else []) + (
-        [f"**{len(bad)} row(s) did NOT match the reference** (status MISMATCH)."] if bad else [])
-    payload = {"family": FAMILY, "env": env, "args": vars(args), "modes": modes, "repeats": repeats,
-               "warmup": warmup, "elapsed_s": elapsed, "headline": headline, "rows": rows}
-    H.write_json(paths["json"], payload)
-    H.write_markdown(paths["md"], f"{FAMILY} on {env['device_name']}", env, rows, preamble, epilogue)
-    if not args.no_plot:
-        H.write_plot(paths["png"], f"{FAMILY} on {env['device_name']}", rows, modes)
-    print(H.format_markdown_table(rows))
-    for line in epilogue:
-        print(line)
-    if bad:
-        print(f"WARNING: {len(bad)} row(s) did not match the reference: see status MISMATCH", file=sys.stderr)
-    print(f"wrote {paths['json']}, {paths['md']}" + ("" if args.no_plot else f", {paths['png']}")
-          + f" ({elapsed:.0f} s)")
-    return 0
+    payload = {"modes": modes, "repeats": repeats, "warmup": warmup, "headline": headline}
+    return H.publish(args, FAMILY, device, env, rows, payload, preamble, headline, modes, elapsed)
 
 
 if __name__ == "__main__":
