@@ -1,0 +1,77 @@
+"""Load a policy (model + tokenizer + image preprocessor) from a local directory or a hub name.
+
+Works for Qwen3-VL (image-text-to-text) and Qwen3 (text) checkpoints, real or tiny. The tokenizer
+may sit in the model directory (real checkpoints) or in its `tokenizer/` subdirectory (what
+`save_policy` writes: a tokenizer beside a config.json of another model type can make
+AutoTokenizer pick the wrong class).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .vision import ImagePreprocessor
+
+__all__ = ["Policy", "load_policy", "save_policy"]
+
+
+@dataclass
+class Policy:
+    """model: a transformers causal LM (Qwen3VLForConditionalGeneration or *ForCausalLM).
+    tokenizer: its tokenizer. image_processor: an ImagePreprocessor, None for text-only models."""
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: ImagePreprocessor | None = None
+
+    @property
+    def is_vision(self) -> bool:
+        return self.image_processor is not None
+
+
+def _vision_config(config):
+    return getattr(config, "vision_config", None)
+
+
+def policy_from_model(model, tokenizer, image_processor: ImagePreprocessor | None = None) -> Policy:
+    """Wraps an in-memory model; a vision model gets a preprocessor matching its vision config."""
+    vcfg = _vision_config(model.config)
+    if vcfg is not None and image_processor is None:
+        # small budget for tiny towers, Qwen's default for real ones
+        image_processor = ImagePreprocessor(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                            temporal_patch_size=vcfg.temporal_patch_size,
+                                            min_pixels=(vcfg.patch_size * vcfg.spatial_merge_size) ** 2,
+                                            max_pixels=min(ImagePreprocessor.max_pixels,
+                                                           (vcfg.patch_size * 32) ** 2))
+    return Policy(model, tokenizer, image_processor)
+
+
+def load_policy(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Policy:
+    """Loads a Qwen3-VL or Qwen3 policy (eval mode) from a local directory or a hub name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a path or a hub name, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path)
+    vcfg = _vision_config(config)
+    model_cls = AutoModelForImageTextToText if vcfg is not None else AutoModelForCausalLM
+    model = model_cls.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    tok_dir = os.path.join(name_or_path, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else name_or_path)
+    processor = None
+    if vcfg is not None:
+        processor = (ImagePreprocessor.from_pretrained(name_or_path, vcfg) if os.path.isdir(name_or_path)
+                     else ImagePreprocessor(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                            temporal_patch_size=vcfg.temporal_patch_size))
+    return Policy(model, tokenizer, processor)
+
+
+def save_policy(policy: Policy, path: str) -> None:
+    """Saves model, tokenizer (in `path/tokenizer`) and preprocessor config so load_policy reads them back."""
+    os.makedirs(path, exist_ok=True)
+    policy.model.save_pretrained(path)
+    policy.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    if policy.image_processor is not None:
+        policy.image_processor.save_pretrained(path)
