@@ -29,7 +29,8 @@ __all__ = ["SamplingSettings", "Prompt", "TurnRequest", "TurnOutput", "RolloutEn
 @dataclass
 class SamplingSettings:
     """temperature: 0 = greedy. The recorded log-probs and entropies are those of
-        softmax(logits / temperature) (top-k / top-p truncation is not reflected, as in verl).
+        softmax(logits / temperature) (of softmax(logits) when greedy; top-k / top-p truncation
+        is not reflected, as in verl).
     top_k: 0 = off. top_p: 1.0 = off.
     max_new_tokens: per model turn. max_turns: model turns per rollout (each tool call ends one).
     max_total_tokens: the whole conversation (prompt, turns, tool responses).
