@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _die(msg: str):
@@ -58,7 +58,9 @@ else:
     )
 
 setup(
-    packages=["axpo", "axpo.ops", "axpo.kernels", "axpo.benchmarks"],
+    # every subpackage of axpo/ (found, so a new one cannot be left out of a wheel), plus the two
+    # top-level folders installed under axpo
+    packages=["axpo"] + [f"axpo.{p}" for p in find_packages("axpo")] + ["axpo.kernels", "axpo.benchmarks"],
     package_dir={"axpo": "axpo", "axpo.kernels": "kernels", "axpo.benchmarks": "benchmarks"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},

@@ -21,19 +21,15 @@ produce zeros.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 __all__ = ["fork_kv"]
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -105,7 +101,7 @@ def fork_kv(tensors: list[torch.Tensor], src_rows: torch.Tensor, src_start: torc
         src_i, out_i = src.view(ity), out.view(ity)
         d = src.shape[3]
         block_d = triton.next_power_of_2(d)
-        cap = 16 if _interpreting() else max(1, 8192 // block_d)
+        cap = 16 if interpreting() else max(1, 8192 // block_d)
         block_t = max(1, min(triton.next_power_of_2(out_len), cap))
         grid = (m * src.shape[1], triton.cdiv(out_len, block_t))
         _fork_kv_kernel[grid](

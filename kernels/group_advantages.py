@@ -19,21 +19,17 @@ a GPU (~1 ulp of fp64, invisible in the fp32 output).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 __all__ = ["group_advantages"]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block(n: int) -> int:
-    cap = 256 if _interpreting() else 1024
+    cap = 256 if interpreting() else 1024
     return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
 

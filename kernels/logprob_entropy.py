@@ -18,25 +18,13 @@ outside the vocabulary (that is not ignore_index) reads nothing and gives a NaN 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, acc_dtype, tl_acc_dtype
+
 __all__ = ["lpe_fwd", "lpe_fwd_chunk", "lpe_bwd"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _fwd_block_v(n_cols: int, dtype: torch.dtype) -> int:
@@ -44,14 +32,14 @@ def _fwd_block_v(n_cols: int, dtype: torch.dtype) -> int:
     # reductions and the online-state merge; 16-bit logits get twice the elements per tile for the
     # same bytes in flight. Small tiles under the interpreter keep the CPU checks fast and still
     # exercise several tiles + a ragged last tile.
-    cap = 256 if _interpreting() else (8192 if dtype in (torch.float16, torch.bfloat16) else 4096)
+    cap = 256 if interpreting() else (8192 if dtype in (torch.float16, torch.bfloat16) else 4096)
     return max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
 
 
 def _bwd_block_v(n_cols: int) -> int:
     # Backward: elementwise, one tile of one row per program; moderate tiles give enough programs
     # to fill the GPU even for few rows.
-    cap = 256 if _interpreting() else 2048
+    cap = 256 if interpreting() else 2048
     return max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
 
 
@@ -225,7 +213,7 @@ def _launch_fwd(logits, labels, v_offset, inv_temp, ignore_index, state, out,
         n_rows, n_cols, v_offset,
         logits.stride(0), n_rows,
         float(inv_temp), int(ignore_index),
-        ACC_DTYPE=_tl_acc_dtype(logits.dtype),
+        ACC_DTYPE=tl_acc_dtype(logits.dtype),
         BLOCK_V=block,
         COMPUTE_ENTROPY=bool(compute_entropy),
         INIT=init,
@@ -250,7 +238,7 @@ def lpe_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_
     """
     _check_logits(logits, labels)
     n_rows = logits.shape[0]
-    out = torch.empty((3, n_rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    out = torch.empty((3, n_rows), dtype=acc_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return out
     # state is not touched with INIT and FINALIZE; pass out as a placeholder pointer.
@@ -275,7 +263,7 @@ def lpe_fwd_chunk(logits: torch.Tensor, labels: torch.Tensor, v_offset: int, inv
     _check_logits(logits, labels)
     n_rows = logits.shape[0]
     assert state.shape == (4, n_rows) and state.is_contiguous(), "state must be contiguous [4, N]"
-    assert state.dtype == _acc_dtype(logits.dtype), "state must have the accumulation dtype"
+    assert state.dtype == acc_dtype(logits.dtype), "state must have the accumulation dtype"
     if n_rows == 0:
         return
     _launch_fwd(logits, labels, v_offset, inv_temp, 0, state, state, compute_entropy,
@@ -317,7 +305,7 @@ def lpe_bwd(logits: torch.Tensor, labels: torch.Tensor, v_offset: int, inv_temp:
         n_cols, v_offset,
         logits.stride(0), grad_logits.stride(0),
         float(inv_temp), int(ignore_index),
-        ACC_DTYPE=_tl_acc_dtype(logits.dtype),
+        ACC_DTYPE=tl_acc_dtype(logits.dtype),
         BLOCK_V=block,
         HAS_ENTROPY_GRAD=bool(has_entropy_grad),
         num_warps=_num_warps(block),

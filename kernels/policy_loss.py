@@ -18,33 +18,21 @@ All inputs may have any strides (the advantage's column stride may be 0: one val
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting, acc_dtype, tl_acc_dtype
 
 __all__ = ["pl_fwd", "pl_bwd", "N_STATS"]
 
 N_STATS = 8  # rows of pl_fwd's output, see csrc/policy_loss.h
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block_t(n_cols: int) -> int:
     # Small tiles under the interpreter keep the CPU checks fast and still exercise several tiles
     # per row and a ragged last tile; on a GPU 2048 tokens per program keep ~5 loads in flight.
-    cap = 64 if _interpreting() else 2048
+    cap = 64 if interpreting() else 2048
     return max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
 
 
@@ -274,7 +262,7 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
     if not kl_estimator:
         ref = old
     n_rows, n_cols = logp.shape
-    acc = _acc_dtype(logp.dtype)
+    acc = acc_dtype(logp.dtype)
     if n_rows == 0 or n_cols == 0:
         return torch.zeros((N_STATS, n_rows), dtype=acc, device=logp.device)
     block = _block_t(n_cols)
@@ -285,7 +273,7 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         n_rows, n_cols, n_tiles,
         *_strides(logp, old, adv, mask, ref),
         float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
-        ACC=_tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
+        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
         BLOCK_T=block, num_warps=_num_warps(block),
     )
     return out.sum(-1) if n_tiles > 1 else out[:, :, 0]
@@ -305,7 +293,7 @@ def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
     if not kl_estimator:
         ref = old
     n_rows, n_cols = logp.shape
-    assert g.shape == (2, n_rows) and g.is_contiguous() and g.dtype == _acc_dtype(logp.dtype), \
+    assert g.shape == (2, n_rows) and g.is_contiguous() and g.dtype == acc_dtype(logp.dtype), \
         "g must be contiguous [2, B] in the accumulation dtype"
     assert grad_logp.shape == logp.shape and grad_logp.dtype == logp.dtype, "grad_logp must be like logp"
     if n_rows == 0 or n_cols == 0:
@@ -317,6 +305,6 @@ def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         n_rows, n_cols,
         *_strides(logp, old, adv, mask, ref), *grad_logp.stride(),
         float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
-        ACC=_tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
+        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
         BLOCK_T=block, num_warps=_num_warps(block),
     )
