@@ -24,7 +24,6 @@ __all__ = ["run_generate", "run_resample"]
 class _Episode:
     uid: int
     group_id: int
-    truth: str | None
     tokens: list[int]
     logprobs: list[float]
     entropies: list[float]
@@ -130,7 +129,7 @@ def _run(engine: RolloutEngine, episodes: list[_Episode], sampling: SamplingSett
 
 
 def _to_rollout(engine: RolloutEngine, ep: _Episode) -> Rollout:
-    reward = float(engine.reward_fn(ep.answer, ep.truth))
+    reward = float(engine.reward_fn(ep.answer, ep.info.get("truth")))
     return Rollout(token_ids=ep.tokens, logprobs=ep.logprobs, trainable=ep.trainable, group_id=ep.group_id,
                    uid=ep.uid, turns=list(ep.turns), tool_calls=list(ep.tool_calls), images=list(ep.images),
                    reward=reward, stream=ep.stream, source_uid=ep.source_uid, prefix_len=ep.prefix_len,
@@ -150,7 +149,7 @@ def run_generate(engine: RolloutEngine, prompts: Sequence[Prompt], sampling: Sam
         group_id = i if prompt.group_id is None else int(prompt.group_id)
         info = dict(prompt.info, question=prompt.question, truth=prompt.answer, num_prompt_images=len(prompt.images))
         for _ in range(n):
-            episodes.append(_Episode(uid=engine.new_uid(), group_id=group_id, truth=prompt.answer, tokens=list(ids),
+            episodes.append(_Episode(uid=engine.new_uid(), group_id=group_id, tokens=list(ids),
                                      logprobs=[0.0] * len(ids), entropies=[0.0] * len(ids),
                                      trainable=[False] * len(ids), turns=[Turn("prompt", 0, len(ids))],
                                      images=list(prompt.images), info=info, turn_start=len(ids),
@@ -172,7 +171,7 @@ def _prefix_episode(engine: RolloutEngine, source: Rollout, prefix_len: int, ind
     # images shown before the cut: the prompt's, plus those of tool turns before it
     num_images += sum(c.num_images for c in source.tool_calls if c.end <= turn.start)
     ent = source.entropies
-    return _Episode(uid=engine.new_uid(), group_id=source.group_id, truth=source.info.get("truth"),
+    return _Episode(uid=engine.new_uid(), group_id=source.group_id,
                     tokens=source.token_ids[:prefix_len].tolist(), logprobs=source.logprobs[:prefix_len].tolist(),
                     entropies=ent[:prefix_len].tolist() if ent is not None else [0.0] * prefix_len,
                     trainable=source.trainable[:prefix_len].tolist(), turns=turns,

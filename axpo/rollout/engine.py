@@ -15,7 +15,7 @@ import abc
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -152,6 +152,3 @@ class RolloutEngine(abc.ABC):
         have stream CONTINUATION, source_uid and prefix_len set, the source's group_id."""
         from .agent_loop import run_resample
         return run_resample(self, prefixes, k, sampling)
-
-    def metrics(self) -> dict[str, Any]:
-        return dict(self.stats)

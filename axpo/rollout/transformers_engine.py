@@ -124,6 +124,10 @@ class TransformersEngine(RolloutEngine):
     def sample_turns(self, requests: Sequence[TurnRequest], sampling: SamplingSettings,
                      generator: torch.Generator | None) -> list[TurnOutput]:
         outputs: list[TurnOutput | None] = [None] * len(requests)
+        if generator is not None and generator.device != self.device:
+            # sample on the model's device, from a generator seeded by the caller's
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            generator = torch.Generator(self.device).manual_seed(seed)
         fresh, forked = [], {}
         for i, req in enumerate(requests):
             src = self._fork_source(req)
@@ -216,7 +220,7 @@ class TransformersEngine(RolloutEngine):
             tokens = allowed.argmax(-1)
         else:
             probs = torch.softmax(_filter_logits(allowed, sampling.top_k, sampling.top_p), dim=-1)
-            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         logprobs, entropy = token_logprob_entropy(scaled, tokens)
         return tokens, logprobs, entropy
 
@@ -232,39 +236,45 @@ class TransformersEngine(RolloutEngine):
         open_seen = [r.in_tool_call for r in reqs]
         open_tag, close_tag = list(chat.tool_call_open), list(chat.tool_call_close)
         next_pos = batch.positions.amax(dim=(0, 2)) + 1  # [B]
-        while True:
-            active = [b for b in range(bsz) if finish[b] is None]
-            if not active:
-                break
+        # mask and positions grow by one column per step: written into buffers sized for the turn
+        t = batch.mask.shape[1]
+        mask = batch.mask.new_zeros((bsz, t + max(budget + [0])))
+        positions = batch.positions.new_zeros((batch.positions.shape[0], bsz, mask.shape[1]))
+        mask[:, :t], positions[:, :, :t] = batch.mask, batch.positions
+        while any(f is None for f in finish):
             if self.logits_processor is not None:
                 logits = self.logits_processor([list(r.token_ids) + g for r, g in zip(reqs, gen)], logits)
             tokens, logprobs, entropy = self._sample(logits, sampling, generator)
-            tok_list, lp_list, ent_list = tokens.tolist(), logprobs.tolist(), entropy.tolist()
-            for b in active:
-                tok = tok_list[b]
+            # one device-to-host copy per step (the stop checks need the tokens on the host)
+            host = torch.stack([tokens.double(), logprobs.double(), entropy.double()]).tolist()
+            for b in range(bsz):
+                if finish[b] is not None:
+                    continue
+                tok = int(host[0][b])
                 gen[b].append(tok)
-                lps[b].append(lp_list[b])
-                ents[b].append(ent_list[b])
+                lps[b].append(host[1][b])
+                ents[b].append(host[2][b])
+                self.stats["generated_tokens"] += 1
                 if tok in chat.eos_ids:
                     finish[b] = "eos"
                 elif gen[b][-len(close_tag):] == close_tag and open_seen[b]:
                     finish[b] = "tool_call"
                 elif len(gen[b]) >= budget[b]:
                     finish[b] = "length"
-                elif (reqs[b].token_ids[-len(open_tag):] + gen[b])[-len(open_tag):] == open_tag:
-                    open_seen[b] = True
-            self.stats["generated_tokens"] += len(active)
+                else:
+                    batch.fed[b].append(tok)
+                    if (reqs[b].token_ids[-len(open_tag):] + gen[b])[-len(open_tag):] == open_tag:
+                        open_seen[b] = True
             if all(f is not None for f in finish):
                 break
             # feed the sampled tokens of the rows still running (finished rows: masked padding)
             running = torch.tensor([f is None for f in finish], device=device)
             feed = torch.where(running, tokens, torch.full_like(tokens, chat.pad_id))
-            pos = next_pos[None, :, None].expand(batch.positions.shape[0], bsz, 1)
-            batch.mask = torch.cat([batch.mask, running.to(torch.int64)[:, None]], dim=1)
-            batch.positions = torch.cat([batch.positions, pos * running[None, :, None]], dim=2)
-            logits = self._forward(feed[:, None], batch.mask, pos, batch.cache)
-            for b in range(bsz):
-                if finish[b] is None:
-                    batch.fed[b].append(tok_list[b])
+            pos = next_pos[None, :, None].expand(positions.shape[0], bsz, 1)
+            mask[:, t] = running
+            positions[:, :, t] = pos[..., 0] * running
+            t += 1
+            logits = self._forward(feed[:, None], mask[:, :t], pos, batch.cache)
             next_pos = next_pos + running.to(next_pos.dtype)
+        batch.mask, batch.positions = mask[:, :t], positions[:, :, :t]
         return [TurnOutput(gen[b], lps[b], ents[b], finish[b]) for b in range(bsz)]

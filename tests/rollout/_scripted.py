@@ -37,7 +37,7 @@ class ScriptedEngine(RolloutEngine):
         return outs
 
     def load_weights(self, weights):
-        pass
+        self.loaded_weights = dict(weights)  # a scripted engine has no model: keep what it was given
 
 
 class ForceScript:
