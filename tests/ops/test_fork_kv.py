@@ -259,7 +259,6 @@ def test_fork_cache_continues_like_recompute(model_name, backend):
     padding); one forward of 3 new tokens per row on the forked cache must give the logits of
     recomputing (prompt prefix + new tokens) from scratch, within 1e-5 in fp32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pytest.importorskip("transformers")
     model = _tiny_qwen3() if model_name == "qwen3" else _tiny_qwen3_vl()
     prompts = [torch.randint(3, 100, (n,)) for n in (7, 4, 6)]
     ids, mask, pos = _left_pad(prompts)
@@ -299,7 +298,6 @@ def test_fork_cache_continues_like_recompute(model_name, backend):
 
 def test_fork_cache_generate_matches_recompute():
     """Greedy model.generate on a forked cache == greedy generate on prefix + new tokens."""
-    pytest.importorskip("transformers")
     model = _tiny_qwen3()
     prompts = [torch.randint(3, 100, (n,)) for n in (6, 3, 5)]
     ids, mask, pos = _left_pad(prompts)

@@ -6,10 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is installed by .ci/run; this test needs it")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
