@@ -2,23 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench_module():
-    try:
-        from axpo.benchmarks import bench_logprob_entropy  # installed layout
-        return bench_logprob_entropy
-    except ImportError:
-        sys.path.insert(0, str(ROOT))  # source checkout: benchmarks/ is a plain package
-        from benchmarks import bench_logprob_entropy
-        return bench_logprob_entropy
-
+from tests._bench import bench_module
 
 ROW_FIELDS = {
     "op", "impl", "backend", "dtype", "shape", "mode", "median_ms", "p10_ms", "p90_ms",
@@ -28,7 +15,7 @@ ROW_FIELDS = {
 
 
 def test_logprob_entropy_bench_smoke(tmp_path, capsys):
-    bench = _bench_module()
+    bench = bench_module("bench_logprob_entropy")
     rc = bench.main(["--device", "cpu", "--n", "64", "--v", "1000", "--h", "64",
                      "--dtype", "float32", "--repeats", "1", "--warmup", "1",
                      "--out", str(tmp_path), "--no-plot"])
@@ -68,7 +55,7 @@ def test_logprob_entropy_bench_smoke(tmp_path, capsys):
 
 
 def test_cpu_memory_measurement_sees_an_allocation():
-    bench = _bench_module()
+    bench = bench_module("bench_logprob_entropy")
     H = bench.H
     ok, reason = H.cpu_clear_refs_usable()
     if not ok:

@@ -4,14 +4,13 @@ continues exactly like recomputing prefix + new tokens from scratch (tiny Qwen3 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from axpo.ops import reference_fork_kv as reference
 from axpo.ops.fork_kv import _fork, continuation_inputs, fork_cache, fork_kv
+from tests._bench import bench_module
 
 ALL = ["cpu", "triton", "torch"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -346,18 +345,8 @@ def test_fork_cache_masks_padding_inside_span_and_errors():
 # ------------------------------------------------------------------------------------------------
 # benchmark smoke test
 # ------------------------------------------------------------------------------------------------
-def _bench_module():
-    try:
-        from axpo.benchmarks import bench_fork_kv
-        return bench_fork_kv
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from benchmarks import bench_fork_kv
-        return bench_fork_kv
-
-
 def test_bench_smoke(tmp_path, capsys):
-    bench = _bench_module()
+    bench = bench_module("bench_fork_kv")
     rc = bench.main(["--device", "cpu", "--layers", "2", "--heads", "2", "--head-dim", "16",
                      "--prefix", "32", "--sources", "3", "--branches", "2", "--repeats", "1",
                      "--warmup", "1", "--copy-mib", "8", "--out", str(tmp_path), "--no-plot"])

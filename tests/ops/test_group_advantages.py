@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from axpo.ops import reference_group_advantages as reference
 from axpo.ops.group_advantages import _op, group_advantages
 from tests.conftest import KERNEL_BACKENDS
+from tests._bench import bench_module
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 # -1 is the empty-key bit pattern of the CUDA hash table; the extremes test the hashing
@@ -321,17 +320,8 @@ def test_property_matches_reference(backend, data, scale, eps, relabel):
 # --------------------------------------------------------------------------------------------
 # benchmark smoke test
 # --------------------------------------------------------------------------------------------
-def _bench_module():
-    try:
-        from axpo.benchmarks import bench_group_advantages  # installed layout
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from benchmarks import bench_group_advantages
-    return bench_group_advantages
-
-
 def test_bench_smoke(tmp_path, capsys):
-    bench = _bench_module()
+    bench = bench_module("bench_group_advantages")
     rc = bench.main(["--device", "cpu", "--n", "512", "--repeats", "1", "--warmup", "1",
                      "--out", str(tmp_path), "--no-plot"])
     assert rc == 0

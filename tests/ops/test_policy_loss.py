@@ -3,8 +3,6 @@ boundary ties, the aggregation modes, gradcheck, opcheck, torch.compile, errors,
 composition with linear_logprob_entropy."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,8 @@ from axpo.ops import linear_logprob_entropy
 from axpo.ops import reference_policy_loss as R
 from axpo.ops.policy_loss import _bwd, _fwd, _prepare, policy_loss
 from tests.conftest import KERNEL_BACKENDS
+from tests._bench import bench_module
 
-ROOT = Path(__file__).resolve().parents[2]
 AGGS = R.AGG_MODES
 
 
@@ -477,18 +475,8 @@ def test_composition_with_linear_logprob_entropy(kernel_backend):
 # --------------------------------------------------------------------------------------------
 # benchmark smoke test
 # --------------------------------------------------------------------------------------------
-def _bench_module():
-    try:
-        from axpo.benchmarks import bench_policy_loss  # installed layout
-        return bench_policy_loss
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        from benchmarks import bench_policy_loss
-        return bench_policy_loss
-
-
 def test_bench_smoke(tmp_path, capsys):
-    bench = _bench_module()
+    bench = bench_module("bench_policy_loss")
     rc = bench.main(["--device", "cpu", "--b", "4", "--t", "256", "--comp-n", "64", "--comp-h", "32",
                      "--comp-v", "500", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path),
                      "--no-plot"])
