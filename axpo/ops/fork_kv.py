@@ -221,9 +221,7 @@ def fork_cache(cache, src_rows, src_start, length, *, out_len: int | None = None
         ForkedCache(cache, attention_mask [M, out_len], next_position_ids [M]); see
         `continuation_inputs` for the inputs of the next forward / generate call.
 
-    The new cache is built through DynamicCache's public API: DynamicLayer.lazy_initialization
-    plus its `keys` / `values` attributes (the forked tensors are used as they are, no extra
-    copy, unlike DynamicCache(ddp_cache_data=...) which concatenates them onto empty tensors).
+    The new cache holds the forked tensors as they are (reference_fork_kv.dynamic_cache_from).
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -271,10 +269,4 @@ def fork_cache(cache, src_rows, src_start, length, *, out_len: int | None = None
     csum = torch.cat([torch.zeros((b, 1), dtype=torch.int64, device=device), src_mask.cumsum(1)], dim=1)
     next_pos = csum[rows_d, start_d + len_d] if m else torch.zeros((0,), dtype=torch.int64, device=device)
 
-    new = DynamicCache()
-    for k, v in zip(forked[0::2], forked[1::2]):
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        new.layers.append(layer)
-    return ForkedCache(new, mask, next_pos)
+    return ForkedCache(reference.dynamic_cache_from(forked), mask, next_pos)

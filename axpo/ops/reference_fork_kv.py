@@ -30,10 +30,10 @@ def fork_kv(tensors, src_rows, src_start, length, out_len=None) -> list[torch.Te
     return outs
 
 
-def repeat_interleave_crop(tensors, repeats: int, prefix_len: int) -> list[torch.Tensor]:
-    """The transformers baseline on a list of [B, H, T, D] tensors: a DynamicCache holding them,
-    `batch_repeat_interleave(repeats)` (copies every row `repeats` times, all T tokens), then
-    `crop(prefix_len - T)` (a view). Returns the cache's tensors [B * repeats, H, prefix_len, D]."""
+def dynamic_cache_from(tensors):
+    """A transformers DynamicCache whose layer i holds keys tensors[2i] and values tensors[2i+1],
+    used as they are (DynamicLayer.lazy_initialization plus its keys / values attributes: no
+    copy, unlike DynamicCache(ddp_cache_data=...), which concatenates onto empty tensors)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     cache = DynamicCache()
@@ -42,6 +42,14 @@ def repeat_interleave_crop(tensors, repeats: int, prefix_len: int) -> list[torch
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
         cache.layers.append(layer)
+    return cache
+
+
+def repeat_interleave_crop(tensors, repeats: int, prefix_len: int) -> list[torch.Tensor]:
+    """The transformers baseline on a list of [B, H, T, D] tensors: a DynamicCache holding them,
+    `batch_repeat_interleave(repeats)` (copies every row `repeats` times, all T tokens), then
+    `crop(prefix_len - T)` (a view). Returns the cache's tensors [B * repeats, H, prefix_len, D]."""
+    cache = dynamic_cache_from(tensors)
     cache.batch_repeat_interleave(repeats)
     t_len = tensors[0].shape[2]
     if prefix_len < t_len:
