@@ -30,7 +30,7 @@ def build_char_tokenizer(extra_chars: str = ""):
     Ids: specials first (0 = `<|endoftext|>`, also the pad token), then newline, then the
     printable ASCII characters and `extra_chars`. Unknown characters map to `<unk>`.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = ["\n"] + [c for c in string.printable if c not in "\n\r\x0b\x0c"] + list(extra_chars)
@@ -43,7 +43,6 @@ def build_char_tokenizer(extra_chars: str = ""):
     tok.decoder = decoders.Fuse()
     # special=False keeps them in decoded text (the agent loop parses `<tool_call>` from text);
     # added tokens are still matched whole before pre-tokenization.
-    from tokenizers import AddedToken
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", bos_token=None)

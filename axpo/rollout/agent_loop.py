@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..algo.records import Rollout, Stream, ToolCallRecord, Turn
+from ..tools import ToolContext
 from .engine import Prompt, RolloutEngine, SamplingSettings, TurnOutput, TurnRequest
 from .reward import extract_answer
 
@@ -84,7 +85,6 @@ def _append_turn(engine: RolloutEngine, ep: _Episode, out: TurnOutput, sampling:
     if open_start < 0:  # an engine contract violation, not model behaviour
         raise RuntimeError("engine reported finish='tool_call' but the turn has no opening <tool_call> tag")
     open_end = open_start + len(chat.tool_call_open)
-    from ..tools import ToolContext
     result = engine.tools.execute(chat.decode(ep.tokens[open_end:close_start]), ToolContext(images=list(ep.images)))
     new_images = list(result.images)
     text = result.text

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..algo.records import Rollout
+from ..tools import default_registry
 from .chat import ChatFormat
 from .reward import exact_match
 
@@ -110,7 +111,6 @@ class RolloutEngine(abc.ABC):
 
     def __init__(self, chat: ChatFormat, *, tools=None, reward_fn: RewardFn | None = None):
         if tools is None:
-            from ..tools import default_registry
             tools = default_registry()
         self.chat = chat
         self.tools = tools
