@@ -1,4 +1,4 @@
-"""The `axpo` command line: info | bench."""
+"""The `axpo` command line: train | eval | compare | bench | info."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,55 @@ def cmd_bench(args, rest: list[str]) -> int:
     return mod.main(rest)
 
 
+def _config(parser, args, rest):
+    from axpo.train.config import load_config
+
+    bad = [r for r in rest if "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like key=value)")
+    try:
+        return load_config(args.config, rest)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+
+def cmd_train(parser, args, rest) -> int:
+    from axpo.train.run import train
+
+    cfg = _config(parser, args, rest)
+    summary = train(cfg)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        final = summary.get("final_eval") or {}
+        print(f"\ndone in {summary['wall_time_s']:.0f} s; outputs in {summary['output_dir']}")
+        if final:
+            print("final evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k.startswith("pass@")
+                                                      or k == "tool_call_rate"))
+    return 0
+
+
+def cmd_eval(parser, args, rest) -> int:
+    import json
+
+    from axpo.train.run import evaluate
+
+    cfg = _config(parser, args, rest)
+    summary = evaluate(cfg, args.policy, split=args.split, questions=args.questions, samples=args.samples)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_compare(parser, args, rest) -> int:
+    from axpo.train.run import compare
+
+    cfg = _config(parser, args, rest)
+    result = compare(cfg, args.seeds, tuple(args.methods), output_dir=args.out)
+    if "table" in result:
+        print(result["table"])
+        print(f"\nwritten to {result['output_dir']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="axpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +115,30 @@ def main(argv: list[str] | None = None) -> int:
         description="Extra arguments go to the family's script (axpo bench logprob_entropy --help).",
     )
     bench.add_argument("family", nargs="?", default="logprob_entropy", choices=BENCH_FAMILIES)
+    overrides = "config overrides as dotted key=value (e.g. rl.steps=10 rl.algorithm=grpo); see configs/tiny-cpu.yaml"
+    train = sub.add_parser("train", help="SFT warm-start then GRPO / Dr.GRPO / AXPO RL (defaults: the built-in "
+                                         "task with the tiny model on CPU)", epilog=overrides)
+    train.add_argument("--config", help="YAML config file (defaults: configs/tiny-cpu.yaml's values)")
+    ev = sub.add_parser("eval", help="Pass@1 / Pass@k of a saved policy on a task split, with and without tools",
+                        epilog=overrides)
+    ev.add_argument("--config")
+    ev.add_argument("--policy", help="saved policy directory (default: <log.output_dir>/final)")
+    ev.add_argument("--split", help="task split (default: task.eval_split)")
+    ev.add_argument("--questions", type=int, help="questions (default: eval.questions)")
+    ev.add_argument("--samples", type=int, help="samples per question, the largest k (default: eval.samples)")
+    cmp = sub.add_parser("compare", help="GRPO vs AXPO over seeds on the same warm-starts: a markdown table and plots",
+                         epilog=overrides)
+    cmp.add_argument("--config")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp.add_argument("--methods", nargs="+", default=["grpo", "axpo"], choices=["grpo", "drgrpo", "axpo"])
+    cmp.add_argument("--out", help="output directory (default: compare/ beside log.output_dir)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return cmd_train(train, args, rest)
+    if args.command == "eval":
+        return cmd_eval(ev, args, rest)
+    if args.command == "compare":
+        return cmd_compare(cmp, args, rest)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

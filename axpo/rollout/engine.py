@@ -135,6 +135,11 @@ class RolloutEngine(abc.ABC):
     def new_uid(self) -> int:
         return next(self._uids)
 
+    def reset_uids(self, start: int = 0, stride: int = 1) -> None:
+        """Restarts the uid counter at start, start + stride, ...: data-parallel ranks use
+        (rank, world) so uids are unique across ranks and the same in a resumed run."""
+        self._uids = itertools.count(start, stride)
+
     # -- the engine interface -----------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingSettings, n: int,
                  *, retain_prefixes: bool = True) -> list[Rollout]:

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed trainer, checkpoints, weight sync, the SFT and RL stages, reports."""

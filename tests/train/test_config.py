@@ -1,0 +1,63 @@
+"""The YAML configs: documented defaults, overrides, and errors that name the key."""
+import os
+
+import pytest
+
+from axpo.train.config import Config, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_tiny_cpu_yaml_documents_exactly_the_defaults():
+    assert load_config(os.path.join(ROOT, "configs", "tiny-cpu.yaml")) == Config()
+
+
+def test_gpu_yaml_loads():
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen3-vl-gpu.yaml"))
+    assert (cfg.trainer.zero_stage, cfg.rollout.engine, cfg.trainer.dtype) == (3, "vllm", "bfloat16")
+
+
+def test_overrides_parse_as_yaml_and_win_over_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rl:\n  steps: 7\n  algorithm: grpo\n")
+    cfg = load_config(str(path), ["rl.steps=9", "model.name_or_path=/x", "log.tensorboard=false",
+                                  "trainer.adam_betas=[0.8, 0.9]", "model.max_pixels=null"])
+    assert (cfg.rl.steps, cfg.rl.algorithm, cfg.model.name_or_path, cfg.log.tensorboard) == (9, "grpo", "/x", False)
+    assert cfg.trainer.adam_betas == [0.8, 0.9] and cfg.model.max_pixels is None
+    assert load_config(None, ["rl.lr=1"]).rl.lr == 1.0  # an int where a float is expected
+    assert load_config(None, ["rl.lr=1e-3"]).rl.lr == 1e-3  # YAML 1.1 reads this as a string
+
+
+def test_dr_grpo_defaults_to_the_constant_normalizer():
+    assert load_config(None, ["rl.algorithm=drgrpo"]).loss_agg == "seq-mean-token-sum-norm"
+    assert load_config(None).loss_agg == "token-mean"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rl.stepz=1"], "unknown key 'rl.stepz'"),
+    (["bogus=1"], "unknown key 'bogus'"),
+    (["rl=3"], "config rl must be a mapping"),
+    (["rl.steps=1.5"], "config rl.steps must be an int"),
+    (["rl.steps=true"], "config rl.steps must be an int"),
+    (["rl.resample=1"], "config rl.resample must be true or false"),
+    (["rl.group_size=0"], "config rl.group_size must be an int >= 1"),
+    (["rl.clip_low=1.5"], "config rl.clip_low"),
+    (["rollout.top_p=0"], "config rollout.top_p"),
+    (["rollout.engine=sglang"], "config rollout.engine must be one of"),
+    (["task.name=local"], "config task.path"),
+    (["rl.updates_per_step=9"], "config rl.updates_per_step"),
+    (["trainer.adam_betas=[0.9]"], "config trainer.adam_betas"),
+    (["rollout.max_new_tokens=600"], "config rollout.max_new_tokens"),
+    (["rl.lr=nan"], "config rl.lr must be a finite number"),
+    (["steps"], "key=value"),
+])
+def test_bad_keys_and_values_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_a_non_mapping_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping at the top level"):
+        load_config(str(path))

@@ -1,0 +1,139 @@
+"""`axpo train` end to end on the built-in task (tiny sizes), resumed after SIGKILL; `axpo eval`;
+`axpo compare`; config errors on the command line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY = ["sft.steps=6", "sft.batch_size=4", "rl.steps=3", "rl.questions_per_step=2", "rl.group_size=4", "rl.k=2",
+        "rl.ratio=0.5", "rollout.max_new_tokens=24", "rollout.max_total_tokens=256", "eval.questions=2",
+        "eval.samples=2", "eval.every=2", "log.checkpoint_every=1", "log.progress=false", "trainer.device=cpu"]
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _axpo(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "axpo.cli", *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout)
+
+
+def _latest(out):
+    path = os.path.join(out, "checkpoints", "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def _run_until(out, tag, extra=()):
+    """Starts `axpo train`, SIGKILLs it as soon as the latest checkpoint is `tag` or a later one of the
+    same stage; returns the tag it was killed at."""
+    stage, step = tag.split("-")
+
+    def reached():
+        latest = _latest(out)
+        return latest is not None and latest.split("-")[0] == stage and latest >= tag
+
+    proc = subprocess.Popen([sys.executable, "-m", "axpo.cli", "train", *TINY, f"log.output_dir={out}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 600
+    while not reached():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return _latest(out)
+
+
+def _weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    proc = _axpo("train", *TINY, f"log.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_train_writes_metrics_checkpoints_plot_and_policy(straight_run):
+    out = straight_run
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    sft = [x for x in lines if x["stage"] == "sft"]
+    rl = [x for x in lines if x["stage"] == "rl"]
+    ev = [x for x in lines if x["stage"] == "eval"]
+    assert [x["step"] for x in sft] == list(range(1, 7)) and [x["step"] for x in rl] == [1, 2, 3]
+    assert [x["step"] for x in ev] == [0, 2, 3]
+    assert sft[-1]["loss"] < sft[0]["loss"]
+    for x in rl:
+        for key in ("pass1", "tool_call_rate", "triggered_frac", "prefix_budget", "loss", "grad_norm", "clipfrac",
+                    "approx_kl", "kl_mean", "rollout_tokens", "prefill_tokens_saved"):
+            assert key in x, key
+        assert x["prefix_budget"] == 2  # floor(0.5 * 2 * 4 / 2)
+    assert "pass@1" in ev[-1] and "pass@2" in ev[-1]
+    assert os.path.getsize(os.path.join(out, "learning_curves.png")) > 10_000
+    tags = sorted(t for t in os.listdir(os.path.join(out, "checkpoints")) if t.startswith(("sft-", "rl-")))
+    assert tags == ["rl-000002", "rl-000003", "sft-000005", "sft-000006"]  # keep_checkpoints=2 per stage
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["resumed_from"] is None and summary["final_eval"]["n_questions"] == 2
+
+
+def test_sigkill_and_resume_end_with_the_same_weights(straight_run, tmp_path):
+    """Killed (SIGKILL) once during SFT and once during RL, resumed each time: the final weights equal the
+    uninterrupted run's exactly, and the metrics log has each step once."""
+    out = str(tmp_path / "killed")
+    _run_until(out, "sft-000003")
+    killed_at = _run_until(out, "rl-000001")
+    assert killed_at in ("rl-000001", "rl-000002")
+    proc = _axpo("train", *TINY, f"log.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "summary.json")))["resumed_from"] == killed_at
+    a, b = _weights(straight_run), _weights(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["global_step"] for x in lines if x["stage"] != "eval"] == list(range(1, 10))
+    straight = [json.loads(x) for x in open(os.path.join(straight_run, "metrics.jsonl"))]
+    for x, y in zip([x for x in lines if x["stage"] == "rl"], [y for y in straight if y["stage"] == "rl"]):
+        assert x["loss"] == y["loss"] and x["pass1"] == y["pass1"]
+
+
+def test_eval_reports_pass_at_k_with_and_without_tools(straight_run):
+    proc = _axpo("eval", *TINY, f"log.output_dir={straight_run}", "--questions", "3", "--samples", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["n_questions"] == 3 and summary["n_samples"] == 6
+    assert {"pass@1", "pass@2", "tool_call_rate", "n_questions_tool@1", "n_questions_no_tool@1"} <= set(summary)
+
+
+def test_compare_writes_a_table(tmp_path):
+    out = str(tmp_path / "cmp")
+    proc = _axpo("compare", *TINY, "rl.steps=1", "sft.steps=2", "--seeds", "0", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = open(os.path.join(out, "compare.md")).read()
+    assert "| grpo |" in table and "| axpo |" in table
+    runs = json.load(open(os.path.join(out, "compare.json")))
+    assert [r["method"] for r in runs] == ["grpo", "axpo"]
+    grpo, axpo = runs
+    assert axpo["rollouts"] >= grpo["rollouts"] == 8  # AXPO's extra rollouts are reported
+    assert os.path.isfile(os.path.join(out, "compare_train_reward.png"))
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("rl.stepz=3", "unknown key 'rl.stepz'"),
+    ("rl.algorithm=ppo", "rl.algorithm must be one of"),
+    ("trainer.zero_stage=4", "trainer.zero_stage"),
+    ("sft.lr=fast", "sft.lr must be a finite number"),
+    ("nonsense", "key=value"),
+])
+def test_bad_config_is_an_error_naming_the_key(arg, message):
+    proc = _axpo("train", arg, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
