@@ -1,69 +1,41 @@
-"""One AXPO step, end to end, on a tiny Qwen3-VL built from a config (CPU, about 30 s on 2 cores):
+"""One AXPO step, end to end, on a tiny Qwen3-VL built from a config (CPU, under a minute on 2 cores):
 
     rollouts -> trigger -> select prefixes -> resample from forked KV -> advantages
 
-The task: a grey 32x32 image with a small colored square somewhere; "What color is the small
-square?". At the model's input resolution the square is a few pixels, so zooming in helps. A short
-supervised warm-start on generated traces (some zoom, some guess) teaches the random model the
-format first, so that its rollouts call tools, often wrongly: where AXPO has work to do.
+The task is the built-in one (axpo.tasks.ZoomDigitsTask): a grid of digit glyphs seen at low
+resolution, legible only through the zoom tool. A short supervised warm-start on its generated
+traces (a minority zoom) teaches the random model the format first, so that its rollouts call
+tools, often wrongly: where AXPO has work to do. `axpo train` runs the whole loop (DeepSpeed,
+checkpoints, many steps); this script shows one step's pieces in plain PyTorch.
 
-    python examples/axpo_step.py [--questions 4] [--group-size 8] [--sft-steps 400] [--seed 0]
+    python examples/axpo_step.py [--questions 4] [--group-size 8] [--sft-steps 300] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 from axpo.algo import AxpoConfig, assemble_advantages, pack_samples, plan_resample, step_diagnostics
 from axpo.models import batch_inputs, build_tiny_policy, policy_from_model
-from axpo.rollout import Prompt, SamplingSettings, TransformersEngine
-from axpo.tools import ToolContext, default_registry
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-QUESTION = "What color is the small square?"
+from axpo.rollout import SamplingSettings, TransformersEngine
+from axpo.tasks import ZoomDigitsTask, sft_batch
+from axpo.tools import default_registry
 
 
-def make_question(rng: random.Random) -> tuple[Prompt, tuple[int, int, int, int]]:
-    canvas = np.full((32, 32, 3), 128, np.uint8)
-    color = rng.choice(sorted(COLORS))
-    x, y = rng.randrange(0, 29), rng.randrange(0, 29)
-    canvas[y:y + 3, x:x + 3] = COLORS[color]
-    box = (max(0, x - 4), max(0, y - 4), min(32, x + 7), min(32, y + 7))
-    return Prompt(QUESTION, [Image.fromarray(canvas)], answer=color), box
-
-
-def warm_start(policy, engine, steps: int, rng: random.Random) -> None:
-    """Teacher-forced SFT on generated traces: 1 in 3 zooms (then answers right), the rest guess."""
-    chat, tools = engine.chat, engine.tools
+def warm_start(policy, engine, task, steps: int, seed: int, tool_fraction: float) -> None:
+    """Teacher-forced SFT on the task's traces (`axpo train` does this under DeepSpeed)."""
     opt = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
     policy.model.train()
     for step in range(steps):
-        rows, images, labels = [], [], []
-        for _ in range(8):
-            prompt, box = make_question(rng)
-            ids, imgs = chat.prompt(prompt.question, prompt.images), list(prompt.images)
-            label = [-100] * len(ids)
-            if rng.random() < 1 / 3:
-                call = '{"name": "zoom", "arguments": {"bbox_2d": [%d, %d, %d, %d]}}' % box
-                turn = chat.encode(f"<think>zoom</think><tool_call>{call}</tool_call>")
-                result = tools.execute(call, ToolContext(images=imgs))
-                response = chat.tool_response(result.text, result.images)
-                imgs += result.images
-                answer = chat.encode(f"<answer>{prompt.answer}</answer><|im_end|>")
-                ids, label = ids + turn + response + answer, label + turn + [-100] * len(response) + answer
-            else:
-                guess = chat.encode(f"<think>guess</think><answer>{rng.choice(sorted(COLORS))}</answer><|im_end|>")
-                ids, label = ids + guess, label + guess
-            rows.append(ids), images.append(imgs), labels.append(label)
-        inputs = batch_inputs(policy, rows, images, pad_id=chat.pad_id, left_pad=False)
+        batch = sft_batch(task, engine.chat, engine.tools, step=step, batch_size=16, tool_fraction=tool_fraction,
+                          seed=seed)
+        inputs = batch_inputs(policy, [e.token_ids for e in batch], [e.images for e in batch],
+                              pad_id=engine.chat.pad_id, left_pad=False)
         target = torch.full_like(inputs["input_ids"], -100)
-        for b, label in enumerate(labels):
-            target[b, :len(label)] = torch.tensor(label)
+        for b, e in enumerate(batch):
+            target[b, :len(e.labels)] = torch.tensor(e.labels)
         policy.model.model.rope_deltas = None
         loss = policy.model(**inputs, labels=target).loss
         opt.zero_grad()
@@ -78,23 +50,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--tool-fraction", type=float, default=0.5)
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    task = ZoomDigitsTask(seed=args.seed)
     model, tokenizer = build_tiny_policy(seed=args.seed)
     policy = policy_from_model(model, tokenizer)
+    policy.image_processor.max_pixels = task.view_max_pixels
     engine = TransformersEngine(policy, tools=default_registry())
 
     t0 = time.perf_counter()
     print(f"warm-start ({args.sft_steps} steps)")
-    warm_start(policy, engine, args.sft_steps, rng)
+    warm_start(policy, engine, task, args.sft_steps, args.seed, args.tool_fraction)
 
-    sampling = SamplingSettings(temperature=1.0, max_new_tokens=96, max_turns=3, seed=args.seed)
-    prompts = [make_question(rng)[0] for _ in range(args.questions)]
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=96, max_turns=2, seed=args.seed)
+    prompts = task.prompts("train", 0, args.questions)
     rollouts = engine.generate(prompts, sampling, n=args.group_size)
     cfg = AxpoConfig(algorithm="axpo", ratio=args.ratio, k=args.k)
     plan = plan_resample(rollouts, args.questions, args.group_size, cfg)
