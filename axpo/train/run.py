@@ -392,6 +392,7 @@ def compare(cfg: Config, seeds: Sequence[int], methods: Sequence[str] = ("grpo",
             output_dir: str | None = None) -> dict:
     """For each seed: one SFT warm-start, then RL with each method from it (same data, same
     starting weights). Writes compare.md (means, spread, rollout budget) and compare_*.png."""
+    dist = setup(cfg.trainer.device)
     out = output_dir or os.path.join(os.path.dirname(cfg.log.output_dir.rstrip("/")) or ".", "compare")
     runs, curves, eval_curves = [], {m: [] for m in methods}, {m: [] for m in methods}
     for seed in seeds:
@@ -427,7 +428,7 @@ def compare(cfg: Config, seeds: Sequence[int], methods: Sequence[str] = ("grpo",
             curves[method].append([m.get("pass1", float("nan")) for m in rl])
             eval_curves[method].append([m.get("pass@1", float("nan")) for m in evals])
     result = {"runs": runs}
-    if setup(cfg.trainer.device).is_main:
+    if dist.is_main:
         os.makedirs(out, exist_ok=True)
         metric_names = [k for k in ("pass@1", f"pass@{cfg.eval.samples}", "pass@1_tool", "pass@1_no_tool",
                                     "tool_call_rate", "train_reward_last5", "tool_call_rate_last5")]

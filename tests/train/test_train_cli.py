@@ -137,3 +137,21 @@ def test_bad_config_is_an_error_naming_the_key(arg, message):
     proc = _axpo("train", arg, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_train_on_a_local_dataset(tmp_path):
+    """task.name=local: a JSONL file with relative image paths, direct-answer SFT, one RL step."""
+    from PIL import Image
+
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+        rows.append({"question": f"What is {i} + 1?", "image": f"img{i}.png", "answer": str(i + 1)})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "run")
+    proc = _axpo("train", *TINY, f"log.output_dir={out}", "task.name=local", f"task.path={tmp_path / 'train.jsonl'}",
+                 "task.eval_split=train", "sft.steps=2", "rl.steps=1", "model.max_pixels=1024")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["stage"] for x in lines] == ["sft", "sft", "eval", "rl", "eval"]
+    assert lines[-1]["n_questions"] == 2
