@@ -239,7 +239,8 @@ def _rl_step(run: _Run, trainer: PolicyTrainer, engine, reference, step: int, ax
     my_groups = sorted({i for i, _ in mine})
     # mini-batches by group: chunk j holds this rank's groups j, j + U, ...
     U = cfg.rl.updates_per_step
-    chunks = [[s for s in samples if s.group_id in set(my_groups[j::U])] for j in range(U)]
+    chunk_of = {g: j % U for j, g in enumerate(my_groups)}
+    chunks = [[s for s in samples if chunk_of.get(s.group_id) == j] for j in range(U)]
     t1 = time.perf_counter()
     train_metrics: dict[str, float] = {}
     for chunk in chunks:
@@ -260,7 +261,6 @@ def _rl_step(run: _Run, trainer: PolicyTrainer, engine, reference, step: int, ax
     extra.update(train_metrics)
     extra["rollout_time_s"] = rollout_time
     extra["train_time_s"] = train_time
-    extra["reward"] = float(np.mean([r.reward for r in everything])) if everything else 0.0
     return step_diagnostics(everything, plan, all_conts, extra=extra)
 
 

@@ -14,6 +14,7 @@ fewer pads with a zero-weighted copy of one of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Sequence
@@ -100,7 +101,7 @@ def ds_config(cfg: TrainerConfig, lr: float, warmup_steps: int) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
+        "gradient_clipping": cfg.grad_clip,  # 0: off
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(cfg.adam_betas), "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
@@ -142,9 +143,7 @@ class ReferencePolicy:
         model = copy.deepcopy(policy.model).to(dist_info.device)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.policy = Policy(model, policy.tokenizer, policy.image_processor)
         self.module = LogprobModel(model, cfg.head_chunk_size).eval()
-        self.device = dist_info.device
         if cfg.zero_stage == 3:  # partitioned like the actor (no optimizer)
             import deepspeed
 
@@ -180,14 +179,13 @@ class PolicyTrainer:
     # -- weights -------------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:
         """The full parameters by the HF model's own names (gathered under ZeRO-3), on the CPU."""
-        model = self.module.model
-        params = list(model.named_parameters())
-        if self.cfg.zero_stage == 3:
-            import deepspeed
+        import deepspeed
 
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                return {n: p.detach().to("cpu", copy=True) for n, p in params}
-        return {n: p.detach().to("cpu", copy=True) for n, p in params}
+        params = list(self.module.model.named_parameters())
+        gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            return {n: p.detach().to("cpu", copy=True) for n, p in params}
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
