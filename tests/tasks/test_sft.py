@@ -8,22 +8,12 @@ import pytest
 
 from axpo.models import ImagePreprocessor, batch_inputs, build_char_tokenizer, build_tiny_policy, policy_from_model
 from axpo.rollout import ChatFormat, Prompt, SamplingSettings, extract_answer
-from axpo.tasks import SftExample, SftTrace, Task, ZoomDigitsTask, encode_trace, sft_batch
-from axpo.tools import ToolContext, default_registry, parse_tool_call
+from axpo.tasks import SftExample, SftTrace, Task, encode_trace, sft_batch
+from axpo.tools import ToolContext, parse_tool_call
 
 from ..rollout._scripted import ScriptedEngine
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def task():
-    return ZoomDigitsTask()
-
-
-@pytest.fixture(scope="module")
-def tools():
-    return default_registry(python=False)
 
 
 @pytest.fixture(scope="module")

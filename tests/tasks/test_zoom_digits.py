@@ -12,19 +12,9 @@ from axpo.models import ImagePreprocessor, smart_resize
 from axpo.rollout import Prompt
 from axpo.tasks import SftTrace, ZoomDigitsTask
 from axpo.tasks.zoom_digits import DIGIT_FONT
-from axpo.tools import ToolContext, default_registry
+from axpo.tools import ToolContext
 
 DIGITS = "0123456789"
-
-
-@pytest.fixture(scope="module")
-def task():
-    return ZoomDigitsTask()
-
-
-@pytest.fixture(scope="module")
-def tools():
-    return default_registry(python=False)
 
 
 @pytest.fixture(scope="module")
