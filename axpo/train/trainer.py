@@ -277,6 +277,8 @@ class PolicyTrainer:
                    "train_tokens": tokens, "train_streams": streams}
         for k, v in zip(keys, reduced[1:]):
             metrics[k[:-4]] = v / max(tokens, 1.0)
+        if "kl_mean" in metrics:  # KL to the reference, as the reports name it
+            metrics["kl"] = metrics.pop("kl_mean")
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------

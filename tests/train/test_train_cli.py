@@ -74,7 +74,7 @@ def test_train_writes_metrics_checkpoints_plot_and_policy(straight_run):
     assert sft[-1]["loss"] < sft[0]["loss"]
     for x in rl:
         for key in ("pass1", "tool_call_rate", "triggered_frac", "prefix_budget", "loss", "grad_norm", "clipfrac",
-                    "approx_kl", "kl_mean", "rollout_tokens", "prefill_tokens_saved"):
+                    "approx_kl", "kl", "rollout_tokens", "prefill_tokens_saved"):
             assert key in x, key
         assert x["prefix_budget"] == 2  # floor(0.5 * 2 * 4 / 2)
     assert "pass@1" in ev[-1] and "pass@2" in ev[-1]
