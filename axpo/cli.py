@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
@@ -42,7 +43,7 @@ def cmd_info(args) -> int:
             print(f"  {name:<7} {'available' if why is None else 'missing: ' + why}")
         for op in _backend.DEFAULT_BACKEND:
             print(f"  default for {op}: {_backend.resolve(op, torch.device(device), None)}")
-    forced = __import__("os").environ.get(_backend.ENV_BACKEND)
+    forced = os.environ.get(_backend.ENV_BACKEND)
     if forced:
         print(f"\n{_backend.ENV_BACKEND}={forced} forces that backend for every op")
     return 0
@@ -74,7 +75,7 @@ def cmd_train(parser, args, rest) -> int:
 
     cfg = _config(parser, args, rest)
     summary = train(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         final = summary.get("final_eval") or {}
         print(f"\ndone in {summary['wall_time_s']:.0f} s; outputs in {summary['output_dir']}")
         if final:
@@ -90,7 +91,7 @@ def cmd_eval(parser, args, rest) -> int:
 
     cfg = _config(parser, args, rest)
     summary = evaluate(cfg, args.policy, split=args.split, questions=args.questions, samples=args.samples)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
 
