@@ -80,20 +80,7 @@ def sft_batch(task: Task, chat, tools, *, step: int, batch_size: int, tool_fract
         raise ValueError(f"seed must be an int, got {seed!r}")
     if isinstance(tool_fraction, bool) or not isinstance(tool_fraction, (int, float)) or not 0 <= tool_fraction <= 1:
         raise ValueError(f"tool_fraction must be a number in [0, 1], got {tool_fraction!r}")
-    size = task.size(split)
-    start = step * batch_size
-    if size is None:
-        prompts = task.prompts(split, start, batch_size)
-    else:
-        if size == 0:
-            raise ValueError(f"split {split!r} of task {task.name!r} is empty")
-        # contiguous runs of [start, start + batch_size) modulo size: no wrap flag needed from the task
-        prompts, i = [], start
-        while len(prompts) < batch_size:
-            lo = i % size
-            n = min(batch_size - len(prompts), size - lo)
-            prompts += task.prompts(split, lo, n)
-            i += n
+    prompts = task.prompts(split, step * batch_size, batch_size, wrap=True)
     examples = []
     for i, prompt in enumerate(prompts):
         rng = random.Random(f"sft:{seed}:{step}:{i}")

@@ -209,8 +209,7 @@ def evaluate_engine(engine, task, cfg: Config, dist: DistInfo, *, split: str, qu
                                                                  cfg.eval.temperature),
                                n=samples, retain_prefixes=False) if mine else []
     everything = [r for part in all_gather_objects(rollouts) for r in part]
-    ks = sorted({1, samples} | {k for k in (2, 4, 8, 16, 32) if k <= samples})
-    return report.eval_summary(everything, ks), everything
+    return report.eval_summary(everything), everything  # Pass@1, 2, 4, ... up to `samples`
 
 
 # -- RL -----------------------------------------------------------------------------------------------
