@@ -194,12 +194,12 @@ class PolicyTrainer:
     def _accumulate(self, rows: Sequence[Row], loss_fn, temperature: float) -> tuple[float, dict[str, float]]:
         """Forward/backward of `rows` in micro-batches, then one optimizer step.
 
-        loss_fn(logp, entropy, inputs, select, rows) -> (loss, metric sums, token count) per micro-batch.
-        Returns (sum of this rank's micro-batch losses, metric sums)."""
+        loss_fn(logp, entropy, inputs, select, rows) -> (loss, {name: 0-d tensor sum}) per micro-batch.
+        Returns (sum of this rank's micro-batch losses, metric sums), read back to the host once."""
         groups = micro_batches([len(r.token_ids) for r in rows], self.cfg.micro_batch_tokens)
         (n_max,) = all_reduce_max([len(groups)])
         pads = int(n_max) - len(groups)
-        total, sums = 0.0, {}
+        total, sums = None, {}
         for i in range(len(groups) + pads):
             real = i < len(groups)
             mb = [rows[j] for j in (groups[i] if real else groups[0] if groups else [])]
@@ -212,12 +212,14 @@ class PolicyTrainer:
             if not real:
                 loss = loss * 0.0  # same graph as a real micro-batch, no contribution
             self.engine.backward(loss, scale_wrt_gas=False)
-            if real:
-                total += float(loss.detach())
+            if real:  # kept on the device: no host sync per micro-batch
+                total = loss.detach() if total is None else total + loss.detach()
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
         self.engine.step()
-        return total, sums
+        keys = sorted(sums)
+        values = torch.stack([total.float()] + [sums[k].float() for k in keys]).tolist()
+        return values[0], dict(zip(keys, values[1:]))
 
     def sft_step(self, rows: Sequence[Row]) -> dict[str, float]:
         """Token-mean negative log-likelihood of the trained tokens over the global batch."""
@@ -225,7 +227,7 @@ class PolicyTrainer:
         norm = max(global_tokens, 1.0) / self.dist.world
 
         def loss_fn(logp, ent, inputs, select, mb):
-            return -logp.sum() / norm, {"entropy_sum": float(ent.detach().sum())}
+            return -logp.sum() / norm, {"entropy_sum": ent.sum()}
 
         local, sums = self._accumulate(rows, loss_fn, 1.0)
         loss, ent = all_reduce_sum([local, sums.get("entropy_sum", 0.0)])
@@ -254,20 +256,18 @@ class PolicyTrainer:
             old = _pad_field(mb, "old_logprobs", t, select.device)
             adv = _pad_field(mb, "advantages", t, select.device)
             ref = reference.logprobs(inputs, select, temperature) if use_kl else None
-            if num_tokens is None:
-                loss, m = policy_loss(logp, old, adv, select, clip_low=clip_low, clip_high=clip_high,
-                                      ref_logprobs=ref, kl_coef=kl_coef if use_kl else 0.0,
-                                      kl_estimator=kl_estimator, agg="seq-mean-token-mean")
+            loss, m = policy_loss(logp, old, adv, select, clip_low=clip_low, clip_high=clip_high,
+                                  ref_logprobs=ref, kl_coef=kl_coef if use_kl else 0.0, kl_estimator=kl_estimator,
+                                  agg="seq-mean-token-mean" if num_tokens is None else "token-mean",
+                                  num_tokens=num_tokens)
+            if num_tokens is None:  # this micro-batch's share of the mean over the global streams
                 loss = loss * (len(mb) * world / max(streams, 1.0))
-            else:
-                loss, m = policy_loss(logp, old, adv, select, clip_low=clip_low, clip_high=clip_high,
-                                      ref_logprobs=ref, kl_coef=kl_coef if use_kl else 0.0,
-                                      kl_estimator=kl_estimator, agg="token-mean", num_tokens=num_tokens)
-            n = float(select.sum())
+            entropy_sum = ent.sum()  # 0 off the selected tokens
             if entropy_coef > 0:
-                loss = loss - entropy_coef * ent[select].sum() / (max(tokens, 1.0) / world)
-            out = {f"{k}_sum": float(v) * n for k, v in m.items()}
-            out["entropy_sum"] = float(ent.detach()[select].sum())
+                loss = loss - entropy_coef * entropy_sum / (max(tokens, 1.0) / world)
+            n = select.sum()
+            out = {f"{k}_sum": v * n for k, v in m.items()}  # masked means -> sums
+            out["entropy_sum"] = entropy_sum
             return loss, out
 
         local, sums = self._accumulate(rows, loss_fn, temperature)
