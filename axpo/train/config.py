@@ -7,8 +7,10 @@ rollouts, ZeRO-1 on gloo); `configs/tiny-cpu.yaml` spells them out and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,7 +227,7 @@ def _type_name(tp) -> str:
 def _coerce(value: Any, tp, key: str):
     """value checked against the annotation tp (int, float, str, bool, list, X | None, a section)."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -245,10 +247,8 @@ def _coerce(value: Any, tp, key: str):
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):  # not a number: the check below names the key
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"config {key} must be a finite number, got {value!r}")
         return float(value)
