@@ -59,29 +59,22 @@ def test_fused_forward_equals_the_models_own_logits(vision):
         assert (logp[b][~select[b]] == 0).all()
 
 
-def _torchrun(nproc: int, out: str, stage: int, agg: str, port: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", os.path.join(HERE, "dp_worker.py"), out, str(stage), agg]
+def _torchrun(nproc: int, out: str, stage: int, agg: str) -> dict:
+    # --standalone: torchrun picks a free local port itself (no race between choosing and binding one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "dp_worker.py"), out, str(stage), agg]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage,agg", [(1, "token-mean"), (2, "seq-mean-token-sum-norm"), (3, "seq-mean-token-mean")])
 def test_two_processes_take_the_same_step_as_one(tmp_path, stage, agg):
     """torchrun --nproc_per_node=2 (each rank half the batch, several micro-batches, ZeRO stage) gives the
     same SFT and RL losses, gradient norms and weights as one process on the whole batch."""
-    one = _torchrun(1, str(tmp_path / "one.pt"), stage, agg, _port())
-    two = _torchrun(2, str(tmp_path / "two.pt"), stage, agg, _port())
+    one = _torchrun(1, str(tmp_path / "one.pt"), stage, agg)
+    two = _torchrun(2, str(tmp_path / "two.pt"), stage, agg)
     assert (one["world"], two["world"]) == (1, 2)
     for phase in ("sft", "rl"):
         for key in ("loss", "grad_norm"):
