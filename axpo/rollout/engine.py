@@ -8,6 +8,7 @@ loading; the multi-turn agent loop (tool calls, tool responses, rewards) is shar
     resample(prefixes, k, sampling) -> k continuations per (source rollout, prefix length)
     load_weights(weights)            -> after each trainer update
     release()                        -> drop the prefixes' KV kept for resampling
+    sleep() / shutdown()             -> free memory while training / for good
 """
 from __future__ import annotations
 
@@ -131,6 +132,13 @@ class RolloutEngine(abc.ABC):
 
     def release(self) -> None:
         """Drops every retained KV (no-op for engines that keep none)."""
+
+    def sleep(self) -> None:
+        """Frees accelerator memory until the next rollout or `load_weights` (vLLM's sleep mode;
+        no-op for engines without one). Called between rollout and training."""
+
+    def shutdown(self) -> None:
+        """Releases the engine's resources for good (vLLM's engine and its processes)."""
 
     def new_uid(self) -> int:
         return next(self._uids)

