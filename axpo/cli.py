@@ -100,7 +100,7 @@ def cmd_train(parser, args, rest) -> int:
 def cmd_eval(parser, args, rest) -> int:
     import json
 
-    from axpo.train.run import evaluate
+    from axpo.train.evaluate import evaluate
 
     cfg = _config(parser, args, rest)
     summary = evaluate(cfg, args.policy, split=args.split, questions=args.questions, samples=args.samples)
@@ -110,10 +110,12 @@ def cmd_eval(parser, args, rest) -> int:
 
 
 def cmd_compare(parser, args, rest) -> int:
-    from axpo.train.run import compare
+    from axpo.train.compare import compare
 
     cfg = _config(parser, args, rest)
-    result = compare(cfg, args.seeds, tuple(args.methods), output_dir=args.out)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    result = compare(cfg, args.seeds, tuple(args.methods), output_dir=args.out, jobs=args.jobs)
     if "table" in result:
         print(result["table"])
         print(f"\nwritten to {result['output_dir']}")
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("family", nargs="?", default="logprob_entropy", choices=BENCH_FAMILIES)
     overrides = "config overrides as dotted key=value (e.g. rl.steps=10 rl.algorithm=grpo); see configs/tiny-cpu.yaml"
-    train = sub.add_parser("train", help="SFT warm-start then GRPO / Dr.GRPO / AXPO RL (defaults: the built-in "
-                                         "task with the tiny model on CPU)", epilog=overrides)
+    train = sub.add_parser("train", help="SFT warm-start then RL with a registered method, AXPO by default "
+                                         "(defaults: the built-in task with the tiny model on CPU)", epilog=overrides)
     train.add_argument("--config", help="YAML config file (defaults: configs/tiny-cpu.yaml's values)")
     ev = sub.add_parser("eval", help="Pass@1 / Pass@k of a saved policy on a task split, with and without tools",
                         epilog=overrides)
@@ -140,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", help="task split (default: task.eval_split)")
     ev.add_argument("--questions", type=int, help="questions (default: eval.questions)")
     ev.add_argument("--samples", type=int, help="samples per question, the largest k (default: eval.samples)")
-    cmp = sub.add_parser("compare", help="GRPO vs AXPO over seeds on the same warm-starts: a markdown table and plots",
-                         epilog=overrides)
+    from axpo.algo.methods import get_method, method_names
+
+    methods = "; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
+    cmp = sub.add_parser("compare", help="RL methods over seeds on the same warm-starts: tables, paired differences "
+                                         "and plots", epilog=f"methods: {methods}. {overrides}")
     cmp.add_argument("--config")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    cmp.add_argument("--methods", nargs="+", default=["grpo", "axpo"], choices=["grpo", "drgrpo", "axpo"])
+    cmp.add_argument("--methods", nargs="+", default=["grpo", "axpo"], choices=method_names(),
+                     help="registered methods (axpo.algo.method_names())")
     cmp.add_argument("--out", help="output directory (default: compare/ beside log.output_dir)")
+    cmp.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process with "
+                                                        "OMP_NUM_THREADS = cores / jobs (default 1: in this process)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         return cmd_train(train, args, rest)

@@ -1,5 +1,8 @@
 """The AXPO algorithm, pure: scored rollout records in, selection plans / advantages / masks out.
 
+Methods (grpo, drgrpo, axpo and its ablations) are registered entries (axpo.algo.methods:
+`Method`, `register_method`, `get_method`, `method_names`); AxpoConfig.algorithm names one.
+
 One step (see docs in each module):
     plan = plan_resample(rollouts, num_questions, group_size, cfg)       # steps 1-4
     # the engine generates cfg.k continuations from each plan.selected prefix, then scores them
@@ -11,6 +14,7 @@ No engine, no tokenizer, no I/O: tensors and plain records only.
 from .advantages import STREAM_CODES, TrainSample, assemble_advantages, pack_samples
 from .config import AxpoConfig
 from .diagnostics import step_diagnostics
+from .methods import Method, get_method, method_names, register_method
 from .records import Rollout, Stream, ToolCallRecord, Turn
 from .selection import (
     PrefixCandidate,
@@ -28,6 +32,7 @@ from .selection import (
 __all__ = [
     "STREAM_CODES",
     "AxpoConfig",
+    "Method",
     "PrefixCandidate",
     "ResamplePlan",
     "Rollout",
@@ -38,9 +43,12 @@ __all__ = [
     "assemble_advantages",
     "candidate_prefixes",
     "entropy_from_logits",
+    "get_method",
+    "method_names",
     "pack_samples",
     "plan_resample",
     "prefix_budget",
+    "register_method",
     "select_prefixes",
     "span_confidence",
     "span_mean_entropy",

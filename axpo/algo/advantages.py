@@ -8,7 +8,11 @@ Streams (see records.Stream):
   is masked out.
 - CONTINUATION (Eq. 2): only the trainable tokens from prefix_len on, with the advantage
   normalized over the continuations of the same source; the prefix copy is masked out.
-Every group statistic comes from one call of axpo.ops.group_advantages.
+The method's fields (axpo.algo.methods) change two of these: without `prefix_credit` a source
+stays ORIGINAL (its GRPO advantage on all its tokens), and with continuation_group="original"
+the continuations are normalized with the statistics of their whole group (its originals and
+every continuation of that group). Every group statistic comes from one call of
+axpo.ops.group_advantages.
 """
 from __future__ import annotations
 
@@ -98,8 +102,9 @@ def assemble_advantages(rollouts, continuations, cfg: AxpoConfig) -> list[TrainS
         cfg: AxpoConfig (algorithm, resample, scale, eps).
     Returns:
         one TrainSample per rollout, in input order (a source with continuations as a
-        SOURCE_PREFIX sample, the others ORIGINAL), then one CONTINUATION sample per
-        continuation, in input order. A selected source with no continuations stays ORIGINAL.
+        SOURCE_PREFIX sample when the method gives prefix credit, the others ORIGINAL), then one
+        CONTINUATION sample per continuation, in input order. A selected source with no
+        continuations stays ORIGINAL.
     """
     if not isinstance(cfg, AxpoConfig):
         raise TypeError(f"cfg must be an AxpoConfig, got {type(cfg).__name__}")
@@ -121,46 +126,60 @@ def assemble_advantages(rollouts, continuations, cfg: AxpoConfig) -> list[TrainS
     index_of = {r.uid: i for i, r in enumerate(rollouts)}
     sources = [r.uid for r in rollouts if r.uid in cont_of]  # rollouts' order
     R, S, C = len(rollouts), len(sources), len(continuations)
+    method = cfg.method
 
-    # One batched call. Group labels: [0, n_groups) the original groups; n_groups + s the Eq. 4
-    # copy of source s's group (its reward replaced by r_prefix); n_groups + S + s the
-    # continuations of source s (Eq. 2).
+    # One batched call over labelled segments: [0, n_groups) the original groups, then per source
+    # s its Eq. 4 copy of the group (its reward replaced by r_prefix), then the continuations'
+    # groups: per source (Eq. 2), or per original group with a copy of its originals ("original").
     _, dense = torch.unique(group_ids, return_inverse=True)
     n_groups = int(dense.max()) + 1
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(dense.tolist()):
         members[g].append(i)
-    copy_idx, copy_gid, source_pos = [], [], []
-    for s, uid in enumerate(sources):
-        group = members[int(dense[index_of[uid]])]
-        source_pos.append(len(copy_idx) + group.index(index_of[uid]))
-        copy_idx.extend(group)
-        copy_gid.extend([n_groups + s] * len(group))
     source_of_cont = [0] * C
     for s, uid in enumerate(sources):
         for j in cont_of[uid]:
             source_of_cont[j] = s
     cont_source = torch.tensor(source_of_cont, dtype=torch.int64)
     cont_rewards = torch.tensor([float(c.reward) for c in continuations], dtype=torch.float32)
+    seg_rewards, seg_labels, next_label = [rewards], [dense], n_groups
 
-    # Eq. 3: r_prefix = 1 if any continuation of the source is correct (reward > 0)
-    best = torch.full((S,), float("-inf")).scatter_reduce(0, cont_source, cont_rewards, "amax")
-    r_prefix = (best > 0).to(torch.float32)
-    copy_rewards = rewards[torch.tensor(copy_idx, dtype=torch.int64)]
-    copy_rewards[torch.tensor(source_pos, dtype=torch.int64)] = r_prefix
+    def segment(values: Tensor, label: int | Tensor) -> int:
+        """Appends a segment (one label, or one per value); returns its offset in the batched output."""
+        offset = sum(len(t) for t in seg_rewards)
+        seg_rewards.append(values)
+        seg_labels.append(label if isinstance(label, Tensor) else torch.full((len(values),), label, dtype=torch.int64))
+        return offset
 
-    all_rewards = torch.cat([rewards, copy_rewards, cont_rewards])
-    all_gids = torch.cat([dense, torch.tensor(copy_gid, dtype=torch.int64), n_groups + S + cont_source])
-    adv = group_advantages(all_rewards, all_gids, scale=scale, eps=eps)
-    orig_adv, copy_adv, cont_adv = adv[:R], adv[R:R + len(copy_idx)], adv[R + len(copy_idx):]
+    prefix_pos: dict[int, int] = {}
+    if method.prefix_credit:
+        # Eq. 3: r_prefix = 1 if any continuation of the source is correct (reward > 0)
+        best = torch.full((S,), float("-inf")).scatter_reduce(0, cont_source, cont_rewards, "amax")
+        r_prefix = (best > 0).to(torch.float32)
+        for s, uid in enumerate(sources):
+            group = members[int(dense[index_of[uid]])]
+            copy = rewards[torch.tensor(group, dtype=torch.int64)].clone()
+            copy[group.index(index_of[uid])] = r_prefix[s]
+            offset = segment(copy, next_label)
+            next_label += 1
+            prefix_pos[uid] = offset + group.index(index_of[uid])
+    if method.continuation_group == "own":  # Eq. 2
+        cont_offset = segment(cont_rewards, next_label + cont_source)
+    else:  # with the statistics of the source's whole group: its originals and all its continuations
+        cont_group = dense[torch.tensor([index_of[c.source_uid] for c in continuations], dtype=torch.int64)]
+        for g in sorted(set(cont_group.tolist())):
+            group = members[g]
+            segment(rewards[torch.tensor(group, dtype=torch.int64)], next_label + g)
+        cont_offset = segment(cont_rewards, next_label + cont_group)
+    adv = group_advantages(torch.cat(seg_rewards), torch.cat(seg_labels), scale=scale, eps=eps)
+    orig_adv, cont_adv = adv[:R], adv[cont_offset:cont_offset + C]
 
-    prefix_adv = {uid: copy_adv[source_pos[s]] for s, uid in enumerate(sources)}
     samples = []
     for i, r in enumerate(rollouts):
-        if r.uid in prefix_adv:
+        if r.uid in prefix_pos:
             prefix_len = continuations[cont_of[r.uid][0]].prefix_len
             mask = r.trainable & (torch.arange(len(r)) < prefix_len)
-            samples.append(_sample(r, prefix_adv[r.uid], mask, Stream.SOURCE_PREFIX))
+            samples.append(_sample(r, adv[prefix_pos[r.uid]], mask, Stream.SOURCE_PREFIX))
         else:
             samples.append(_sample(r, orig_adv[i], r.trainable, Stream.ORIGINAL))
     for j, c in enumerate(continuations):

@@ -1,15 +1,15 @@
-"""AxpoConfig: the knobs of the AXPO step (and of the GRPO / Dr.GRPO baselines it must match)."""
+"""AxpoConfig: the knobs of the advantage step for one registered method (axpo.algo.methods)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["AxpoConfig", "ALGORITHMS", "SCORES", "TIE_BREAKS", "SCALES"]
+from .methods import SCALES, Method, get_method, method_names
 
-ALGORITHMS = ("axpo", "grpo", "drgrpo")
+__all__ = ["AxpoConfig", "SCORES", "TIE_BREAKS", "SCALES"]
+
 SCORES = ("confidence", "entropy")
 TIE_BREAKS = ("confidence", "group_id")
-SCALES = ("std", "none")
 
 
 def _is_number(x) -> bool:
@@ -20,19 +20,20 @@ def _is_number(x) -> bool:
 class AxpoConfig:
     """Configuration of the advantage step.
 
-    algorithm: "axpo" (GRPO advantages plus the resample step), "grpo" (std-normalized group
-        advantages), or "drgrpo" (Dr.GRPO: r - mean, no std scaling).
-    resample: AXPO only; False turns the resample step off, which then gives exactly the GRPO
-        advantages (or Dr.GRPO's with scale="none").
-    ratio: extra rollouts as a fraction r of the normal budget B * G (paper: 0.25).
+    algorithm: the name of a registered method (axpo.algo.method_names(): "axpo", "grpo",
+        "drgrpo", "grpo-matched", "axpo-random", ...); `method` is its entry.
+    resample: for a resampling method; False turns the resample step off, which then gives
+        exactly the GRPO advantages (or Dr.GRPO's with scale="none").
+    ratio: extra rollouts as a fraction r in [0, 1] of the normal budget B * G (paper: 0.25); for
+        grpo-matched, the group grows by that fraction instead.
     k: resamples K per selected prefix (paper: 4).
     score: uncertainty score ranking the candidate prefixes: "confidence" (mean probability of
         the sampled tokens of the first tool-call span; the paper's) or "entropy" (exact mean
         entropy over the same span; needs recorded entropies).
     eps: added to the group std before dividing (all advantage groups: original, Eq. 2, Eq. 4).
-    scale: None: "std" for "grpo" and "axpo", "none" for "drgrpo". For "axpo" it may be set
-        to "none" (Dr.GRPO-style AXPO: every group, Eq. 2 and Eq. 4 included, uses r - mean);
-        for "grpo" / "drgrpo" it must agree with the algorithm.
+    scale: None: the method's ("std" for GRPO and the AXPO variants, "none" for Dr.GRPO). A
+        resampling method may set "none" (Dr.GRPO-style AXPO: every group, Eq. 2 and Eq. 4
+        included, uses r - mean); for the others it must agree with the method.
     tie_break: (inferred) order of the candidates of one breadth-first round across groups:
         "confidence" (default): most uncertain first, by PrefixCandidate.score (the confidence,
         or the negated entropy with score="entropy"), so a smaller budget keeps the most
@@ -48,12 +49,12 @@ class AxpoConfig:
     tie_break: str = "confidence"
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"AxpoConfig.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.algorithm not in method_names():
+            raise ValueError(f"AxpoConfig.algorithm must be one of {list(method_names())}, got {self.algorithm!r}")
         if not isinstance(self.resample, bool):
             raise TypeError(f"AxpoConfig.resample must be a bool, got {self.resample!r}")
-        if not _is_number(self.ratio) or self.ratio < 0:
-            raise ValueError(f"AxpoConfig.ratio must be a finite number >= 0, got {self.ratio!r}")
+        if not _is_number(self.ratio) or not 0 <= self.ratio <= 1:
+            raise ValueError(f"AxpoConfig.ratio must be a number in [0, 1], got {self.ratio!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"AxpoConfig.k must be an int >= 1, got {self.k!r}")
         if self.score not in SCORES:
@@ -62,23 +63,25 @@ class AxpoConfig:
             raise ValueError(f"AxpoConfig.eps must be a finite number >= 0, got {self.eps!r}")
         if self.scale is not None and self.scale not in SCALES:
             raise ValueError(f"AxpoConfig.scale must be None or one of {SCALES}, got {self.scale!r}")
-        if self.algorithm == "grpo" and self.scale == "none":
-            raise ValueError("AxpoConfig.scale='none' contradicts algorithm='grpo' (std-normalized): "
-                             "use algorithm='drgrpo'")
-        if self.algorithm == "drgrpo" and self.scale == "std":
-            raise ValueError("AxpoConfig.scale='std' contradicts algorithm='drgrpo' (no std scaling): "
-                             "use algorithm='grpo'")
+        method = self.method
+        if self.scale is not None and self.scale != method.scale and not method.resamples:
+            same = [m for m in method_names() if get_method(m).scale == self.scale and not get_method(m).resamples]
+            raise ValueError(f"AxpoConfig.scale={self.scale!r} contradicts algorithm={self.algorithm!r} "
+                             f"(scale {method.scale!r}): use algorithm={same[0] if same else 'another method'!r}")
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"AxpoConfig.tie_break must be one of {TIE_BREAKS}, got {self.tie_break!r}")
 
     @property
+    def method(self) -> Method:
+        """The registered entry of `algorithm`."""
+        return get_method(self.algorithm)
+
+    @property
     def advantage_scale(self) -> str:
         """The `scale` passed to axpo.ops.group_advantages: "std" or "none"."""
-        if self.scale is not None:
-            return self.scale
-        return "none" if self.algorithm == "drgrpo" else "std"
+        return self.scale if self.scale is not None else self.method.scale
 
     @property
     def resampling(self) -> bool:
-        """Whether the AXPO resample step runs (algorithm "axpo" with resample on)."""
-        return self.algorithm == "axpo" and self.resample
+        """Whether the resample step runs (a resampling method with resample on)."""
+        return self.method.resamples and self.resample

@@ -42,8 +42,9 @@ def step_diagnostics(rollouts, plan: ResamplePlan, continuations=(), extra: dict
         pass1_no_tool, n_groups_tool, all_wrong_rate_tool, n_groups_no_tool, all_wrong_rate_no_tool,
         n_triggered, triggered_frac, n_candidates, prefix_budget, prefixes_selected,
         n_continuations, prefixes_resampled, recovery_rate, triggered_groups_recovered_frac,
-        confidence_mean/min/max (over candidates), entropy_mean/min/max (when every candidate has
-        one), distinct_tool_calls_resampled, extra_rollout_tokens, tool_calls, tool_errors/<kind>.
+        confidence_mean/min/max (over candidates), confidence_selected_mean /
+        confidence_rest_mean (over the selected candidates / the others, when there are any),
+        entropy_mean/min/max (when every candidate has one), distinct_tool_calls_resampled, extra_rollout_tokens, tool_calls, tool_errors/<kind>.
     """
     rollouts = _checks.originals(rollouts, "rollouts")
     continuations = _checks.rollout_list(continuations, "continuations")
@@ -96,6 +97,11 @@ def step_diagnostics(rollouts, plan: ResamplePlan, continuations=(), extra: dict
     if plan.candidates:
         conf = [c.confidence for c in plan.candidates]
         out.update(confidence_mean=_mean(conf), confidence_min=float(min(conf)), confidence_max=float(max(conf)))
+        chosen = {c.uid for c in plan.selected}
+        for name, subset in (("selected", [c for c in plan.candidates if c.uid in chosen]),
+                             ("rest", [c for c in plan.candidates if c.uid not in chosen])):
+            if subset:  # the confidence of the prefixes chosen against the candidates left
+                out[f"confidence_{name}_mean"] = _mean([c.confidence for c in subset])
         ent = [c.entropy for c in plan.candidates]
         if all(e is not None for e in ent):
             out.update(entropy_mean=_mean(ent), entropy_min=float(min(ent)), entropy_max=float(max(ent)))

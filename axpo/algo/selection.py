@@ -5,10 +5,16 @@ non-empty and all wrong (reward <= 0), whatever its no-tool rollouts scored. Eac
 rollout of a triggered group is a candidate source; its prefix is cut right after the opening
 `<tool_call>` tag of its first tool call. Candidates are ranked most uncertain first and
 allocated breadth-first across groups under the budget P = floor(r * B * G / K).
+
+The method (axpo.algo.methods) picks the order (lowest confidence first, or a seeded random one)
+and the cut of the selected prefixes (after the first `<tool_call>` tag, or the prompt's end for
+fresh rollouts from the prompt).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -126,7 +132,8 @@ class PrefixCandidate:
 
     group_id, uid: the source rollout's.
     prefix_len: tool_calls[0].open_end: the prefix is tokens [0, prefix_len), cut right after the
-        first `<tool_call>` opening tag.
+        first `<tool_call>` opening tag (plan_resample sets the prompt's length instead for a
+        method that resamples from the prompt).
     confidence: span_confidence of the first tool call.
     entropy: span_mean_entropy of the first tool call, None without recorded entropies.
     score: the ranking key, LOWEST = MOST UNCERTAIN: the confidence (score="confidence"), or the
@@ -240,7 +247,8 @@ class ResamplePlan:
     candidates: every candidate source of those groups (input order).
     budget: P (0 when resampling is off).
     selected: the chosen candidates, in selection order; K continuations each from
-        token_ids[:prefix_len] of the source.
+        token_ids[:prefix_len] of the source (for a method resampling from the prompt, prefix_len
+        is the source's prompt length).
     """
     triggered: list[int] = field(default_factory=list)
     candidates: list[PrefixCandidate] = field(default_factory=list)
@@ -248,17 +256,20 @@ class ResamplePlan:
     selected: list[PrefixCandidate] = field(default_factory=list)
 
 
-def plan_resample(rollouts, num_questions: int, group_size: int, cfg: AxpoConfig) -> ResamplePlan:
+def plan_resample(rollouts, num_questions: int, group_size: int, cfg: AxpoConfig, *,
+                  seed: int | None = None) -> ResamplePlan:
     """Steps 1-4 on the scored ORIGINAL rollouts of a batch.
 
     Args:
         rollouts: Rollout list (ORIGINAL ones count), all scored.
         num_questions: B, questions in the batch; group_size: G, rollouts per question.
-        cfg: AxpoConfig (ratio, k, score, tie_break).
+        cfg: AxpoConfig (method, ratio, k, score, tie_break).
+        seed: the random order of a method with selection="random" (required there; a function
+            of the step keeps runs reproducible); unused otherwise.
     Returns:
-        ResamplePlan. With resampling off (algorithm != "axpo" or resample=False) the triggered
-        groups and candidates are still filled in (for diagnostics) but budget is 0 and nothing
-        is selected.
+        ResamplePlan. With resampling off (a method without a resample step, or resample=False)
+        the triggered groups and candidates are still filled in (for diagnostics) but budget is 0
+        and nothing is selected. Candidates keep their confidence / entropy whatever the order.
     """
     if not isinstance(cfg, AxpoConfig):
         raise TypeError(f"cfg must be an AxpoConfig, got {type(cfg).__name__}")
@@ -267,5 +278,19 @@ def plan_resample(rollouts, num_questions: int, group_size: int, cfg: AxpoConfig
     candidates = candidate_prefixes(rollouts, triggered, score=cfg.score)
     if not cfg.resampling:
         return ResamplePlan(triggered=triggered, candidates=candidates, budget=0, selected=[])
-    selected = select_prefixes(candidates, budget, tie_break=cfg.tie_break)
+    method = cfg.method
+    ranked = candidates
+    if method.selection == "random":
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int for method {method.name!r} (random prefix selection), got {seed!r}")
+        rng = random.Random(seed)
+        keys = {uid: rng.random() for uid in sorted(c.uid for c in candidates)}
+        ranked = [dataclasses.replace(c, score=keys[c.uid]) for c in candidates]
+    selected = select_prefixes(ranked, budget, tie_break=cfg.tie_break)
+    if method.selection == "random":  # the records keep their real scores
+        real = {c.uid: c for c in candidates}
+        selected = [real[c.uid] for c in selected]
+    if method.resample == "prompt":
+        prompt_len = {r.uid: r.prompt_len for r in rollouts if r.stream == Stream.ORIGINAL}
+        selected = [dataclasses.replace(c, prefix_len=prompt_len[c.uid]) for c in selected]
     return ResamplePlan(triggered=triggered, candidates=candidates, budget=budget, selected=selected)

@@ -113,7 +113,7 @@ def _finite_number(x, name: str) -> float:
 
 
 def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens):
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens):
     _validate.tensor(logprobs, "logprobs", dtypes=_validate.FLOAT_DTYPES, dim=2)
     shape = tuple(logprobs.shape)
     if shape[0] == 0 or shape[1] == 0:
@@ -137,10 +137,11 @@ def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_
         if tuple(ref_logprobs.shape) != shape:
             raise ValueError(f"ref_logprobs must have logprobs' shape {shape}, got {tuple(ref_logprobs.shape)}")
         named.append(("ref_logprobs", ref_logprobs))
-    if isinstance(num_tokens, Tensor):
-        if num_tokens.numel() != 1:
-            raise ValueError(f"num_tokens must be a number or a one-element tensor, got shape {tuple(num_tokens.shape)}")
-        named.append(("num_tokens", num_tokens))
+    for name, count in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if isinstance(count, Tensor):
+            if count.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(count.shape)}")
+            named.append((name, count))
     _validate.same_device(*named)
 
     lo_clip = _finite_number(clip_low, "clip_low")
@@ -160,13 +161,19 @@ def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_
         raise ValueError(f"kl_coef = {kl_coef!r} needs ref_logprobs (the reference policy's log-probs)")
     if not isinstance(agg, str) or agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if num_tokens is not None:
-        if agg != "token-mean":
-            raise ValueError(f"num_tokens is only used with agg='token-mean', got agg={agg!r}")
-        if not isinstance(num_tokens, Tensor):
-            n = _finite_number(num_tokens, "num_tokens")
+    for name, value, modes in (("num_tokens", num_tokens, ("token-mean",)),
+                               ("num_seqs", num_seqs, AGG_MODES[1:]),
+                               ("norm_tokens", norm_tokens, ("seq-mean-token-sum-norm",))):
+        if value is None:
+            continue
+        if agg not in modes:
+            raise ValueError(f"{name} is only used with agg={' or '.join(repr(m) for m in modes)}, got agg={agg!r}")
+        if name == "norm_tokens" and isinstance(value, Tensor):
+            raise TypeError("norm_tokens must be a number (the constant length L), got a tensor")
+        if not isinstance(value, Tensor):
+            n = _finite_number(value, name)
             if n <= 0:
-                raise ValueError(f"num_tokens must be > 0, got {num_tokens!r}")
+                raise ValueError(f"{name} must be > 0, got {value!r}")
 
     if mask.dtype != torch.bool and _validate._value_checks_enabled():
         bad = (mask != 0) & (mask != 1)
@@ -221,6 +228,8 @@ def policy_loss(
     kl_estimator: str = "k3",
     agg: str = "token-mean",
     num_tokens: int | float | Tensor | None = None,
+    num_seqs: int | float | Tensor | None = None,
+    norm_tokens: int | float | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss with an optional KL penalty, fused forward and backward.
@@ -237,15 +246,19 @@ def policy_loss(
         old_logprobs: [B, T] float. advantages: [B] (one per sequence) or [B, T] float.
         mask: [B, T] bool, or integer / float holding 0 and 1.
         ref_logprobs: [B, T] float or None; needed when kl_coef != 0.
-        agg: "token-mean": sum(mask l) / sum(mask), or / num_tokens when given (the global token
-            count across data-parallel ranks, a number or a one-element tensor: no host sync);
-            "seq-mean-token-mean": mean over the B rows of each row's token mean;
-            "seq-mean-token-sum": mean over the B rows of each row's token sum;
-            "seq-mean-token-sum-norm": each row's token sum / T, then the mean over the B rows
-            (Dr. GRPO's constant normalizer; verl's agg_loss skips the mean over rows, so its
-            value is B times this one: scale kl_coef / the learning rate accordingly).
-            Empty mask rows contribute 0 (still counted in the B of the seq-means); an all-masked
-            batch gives loss 0 (not NaN) and a zero gradient.
+        agg: "token-mean": sum(mask l) / num_tokens;
+            "seq-mean-token-mean": the sum over the rows of each row's token mean, / num_seqs;
+            "seq-mean-token-sum": the sum over the rows of each row's token sum, / num_seqs;
+            "seq-mean-token-sum-norm": the sum over the rows of each row's token sum, /
+            (num_seqs * norm_tokens) (Dr. GRPO's constant normalizer; verl 0.9's agg_loss).
+            Empty mask rows contribute 0 (still counted in num_seqs); an all-masked batch gives
+            loss 0 (not NaN) and a zero gradient.
+        num_tokens: token-mean's denominator; default this batch's masked token count. Give the
+            global count across data-parallel ranks / micro-batches (a number or a one-element
+            tensor: no host sync).
+        num_seqs: the seq-means' number of sequences; default B. Give the global count likewise.
+        norm_tokens: seq-mean-token-sum-norm's constant length L; default T (the padded width,
+            which changes with the batch: give the trainer's constant).
         backend: "cpu" | "triton" | "torch" | None (auto; see axpo.ops._backend).
 
     Returns:
@@ -258,13 +271,14 @@ def policy_loss(
             ref_logprobs is given.
     """
     _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens)
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens)
     chosen = _backend.resolve(_OP, logprobs.device, backend)
     if chosen == "torch":
         return reference.policy_loss(
             logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
             clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, agg=agg, num_tokens=num_tokens,
+            kl_estimator=kl_estimator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+            norm_tokens=norm_tokens,
         )
     lp, old, adv, m, ref = _prepare(chosen, logprobs, old_logprobs, advantages, mask, ref_logprobs)
     lo, hi = 1.0 - float(clip_low), 1.0 + float(clip_high)
@@ -276,19 +290,24 @@ def policy_loss(
     acc = sums.dtype
     B, T = logprobs.shape
     count = msums[0]  # [B] tokens per row
+
+    def denominator(x):
+        return x.to(acc).reshape(()) if isinstance(x, Tensor) else float(x)
+
+    seqs = B if num_seqs is None else denominator(num_seqs)
     if agg == "token-mean":
         if num_tokens is not None:
-            denom = num_tokens.to(acc).reshape(()) if isinstance(num_tokens, Tensor) else float(num_tokens)
-            w = torch.full((B,), 1.0, dtype=acc, device=count.device) / denom
+            w = torch.full((B,), 1.0, dtype=acc, device=count.device) / denominator(num_tokens)
         else:
             total = count.sum()
             w = torch.where(total > 0, 1.0 / total.clamp(min=1), torch.zeros_like(total)).expand(B)
     elif agg == "seq-mean-token-mean":
-        w = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count)) / B
+        w = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count)) / seqs
     elif agg == "seq-mean-token-sum":
-        w = torch.full((B,), 1.0 / B, dtype=acc, device=count.device)
+        w = torch.full((B,), 1.0, dtype=acc, device=count.device) / seqs
     else:  # seq-mean-token-sum-norm
-        w = torch.full((B,), 1.0 / (T * B), dtype=acc, device=count.device)
+        length = float(T if norm_tokens is None else norm_tokens)
+        w = torch.full((B,), 1.0 / length, dtype=acc, device=count.device) / seqs
     row_loss = sums[0] + float(kl_coef) * sums[1] if kl_in_loss else sums[0]
     loss = (w * row_loss).sum()
 

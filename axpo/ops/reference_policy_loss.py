@@ -41,18 +41,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str,
-             num_tokens: int | float | torch.Tensor | None = None) -> torch.Tensor:
-    """verl's agg_loss over a [B, T] loss matrix and a bool mask.
+             num_tokens: int | float | torch.Tensor | None = None,
+             num_seqs: int | float | torch.Tensor | None = None,
+             norm_tokens: int | float | None = None) -> torch.Tensor:
+    """verl's agg_loss over a [B, T] loss matrix and a bool mask. The counts a data-parallel
+    trainer knows globally can be given: num_tokens (token-mean's denominator, default the
+    mask's count), num_seqs (the seq-means' number of sequences, default B) and norm_tokens
+    (seq-mean-token-sum-norm's constant length L, default T; Dr. GRPO's max response length).
 
-    token-mean               sum(mask * l) / sum(mask)   (/ num_tokens when given); 0 if no token
-    seq-mean-token-mean      mean over the B rows of sum_t(mask * l) / sum_t(mask); an empty row
-                             contributes 0 and still counts in the B of the mean
-    seq-mean-token-sum       mean over the B rows of sum_t(mask * l)
-    seq-mean-token-sum-norm  mean over the B rows of sum_t(mask * l) / T (Dr. GRPO's constant
-                             normalizer, the max response length T; verl's agg_loss has no mean
-                             over rows, so its value is B times this one)
+    token-mean               sum(mask * l) / num_tokens; 0 if no token
+    seq-mean-token-mean      sum over the rows of sum_t(mask * l) / sum_t(mask), / num_seqs; an
+                             empty row contributes 0 and still counts in num_seqs
+    seq-mean-token-sum       sum over the rows of sum_t(mask * l), / num_seqs
+    seq-mean-token-sum-norm  sum over the rows of sum_t(mask * l), / (num_seqs * norm_tokens)
+                             (verl 0.9's value; older verl had no mean over the rows)
     """
     masked = torch.where(mask, loss_mat, torch.zeros_like(loss_mat))
+    seqs = loss_mat.shape[0] if num_seqs is None else num_seqs
     if agg == "token-mean":
         if num_tokens is not None:
             return masked.sum() / num_tokens
@@ -61,11 +66,11 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str,
     if agg == "seq-mean-token-mean":
         row_count = mask.sum(-1).to(loss_mat.dtype)
         seq_losses = torch.where(row_count > 0, masked.sum(-1) / row_count.clamp(min=1), torch.zeros_like(row_count))
-        return seq_losses.mean()
+        return seq_losses.sum() / seqs
     if agg == "seq-mean-token-sum":
-        return masked.sum(-1).mean()
+        return masked.sum(-1).sum() / seqs
     if agg == "seq-mean-token-sum-norm":
-        return (masked.sum(-1) / loss_mat.shape[-1]).mean()
+        return masked.sum(-1).sum() / (seqs * (loss_mat.shape[-1] if norm_tokens is None else norm_tokens))
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
@@ -96,6 +101,8 @@ def policy_loss(
     kl_estimator: str = "k3",
     agg: str = "token-mean",
     num_tokens: int | float | torch.Tensor | None = None,
+    num_seqs: int | float | torch.Tensor | None = None,
+    norm_tokens: int | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + optional KL penalty, aggregated; returns (loss, metrics).
 
@@ -151,5 +158,5 @@ def policy_loss(
         metrics["kl_mean"] = masked_mean(kld, response_mask)
         if kl_coef != 0:
             loss_mat = loss_mat + kl_coef * kld
-    loss = agg_loss(loss_mat, response_mask, agg, num_tokens)
+    loss = agg_loss(loss_mat, response_mask, agg, num_tokens, num_seqs, norm_tokens)
     return loss, {k: v.detach().float() for k, v in metrics.items()}

@@ -162,12 +162,19 @@ def _prefix_episode(engine: RolloutEngine, source: Rollout, prefix_len: int, ind
     n = len(source)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not 0 < prefix_len <= n:
         raise ValueError(f"prefixes[{index}]: prefix_len must be an int in (0, {n}], got {prefix_len!r}")
+    num_images = int(source.info.get("num_prompt_images", len(source.images)))
+    if prefix_len == source.prompt_len:  # a fresh rollout of the question (reusing the prompt's KV)
+        return _Episode(uid=engine.new_uid(), group_id=source.group_id, tokens=source.token_ids[:prefix_len].tolist(),
+                        logprobs=[0.0] * prefix_len, entropies=[0.0] * prefix_len, trainable=[False] * prefix_len,
+                        turns=[source.turns[0]], images=list(source.images[:num_images]), info=dict(source.info),
+                        turn_start=prefix_len, stream=Stream.CONTINUATION, source_uid=source.uid,
+                        prefix_len=prefix_len, fork_from=(source.uid, prefix_len))
     turn = next((t for t in source.turns if t.start < prefix_len <= t.end), None)
     if turn is None or turn.role != "model" or prefix_len == turn.end:
-        raise ValueError(f"prefixes[{index}]: prefix_len {prefix_len} must cut inside a model turn of rollout "
-                         f"uid={source.uid} (AXPO cuts right after the first <tool_call> tag)")
+        raise ValueError(f"prefixes[{index}]: prefix_len {prefix_len} must be the prompt's length "
+                         f"({source.prompt_len}) or cut inside a model turn of rollout uid={source.uid} (AXPO cuts "
+                         f"right after the first <tool_call> tag)")
     turns = [t for t in source.turns if t.end <= turn.start]
-    num_images = int(source.info.get("num_prompt_images", len(source.images)))
     # images shown before the cut: the prompt's, plus those of tool turns before it
     num_images += sum(c.num_images for c in source.tool_calls if c.end <= turn.start)
     ent = source.entropies

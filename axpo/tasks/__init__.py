@@ -20,11 +20,13 @@ TASKS = {"zoom_digits": ZoomDigitsTask, "local": LocalDatasetTask}
 
 def make_task(name: str, **kwargs) -> Task:
     """The task called `name` ("zoom_digits" or "local"), built with kwargs (e.g.
-    make_task("local", path="data/vstar", splits=["test"]))."""
+    make_task("local", path="data/vstar", splits=["test"]), make_task("zoom_digits", regime="gap"))."""
     if name not in TASKS:
         raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
     if name == "local":
         if "path" not in kwargs:
             raise ValueError('make_task("local", ...) needs path=, the dataset\'s local path')
         return LocalDatasetTask(kwargs.pop("path"), **kwargs)
+    if name == "zoom_digits" and "regime" in kwargs:
+        return ZoomDigitsTask.from_regime(kwargs.pop("regime"), **kwargs)
     return TASKS[name](**kwargs)

@@ -11,6 +11,30 @@ from the full view, 100% from the zoom; tests/tasks/test_zoom_digits.py.)
 
 Question: "Digit at row R, col C?" (1-based); answer: the digit, as a string. Every example is a
 function of (seed, split, index) only.
+
+Regimes (`REGIMES`, `ZoomDigitsTask.from_regime`; `task.regime` in `axpo train`):
+
+- "gap" (the default of `axpo train`): the Thinking-Acting Gap of the paper. Two changes make
+  thinking the safer default and the tool call the risky act:
+  * the question names three candidate digits ("Digit at row 2, col 3? One of 1, 4, 8."), so an
+    answer without the tool, reasoned from the text, is right about one time in three, and the
+    right-or-wrong of the no-tool rollouts is spread evenly over the questions;
+  * the warm-start traces come from a weak teacher that zooms into the asked cell with
+    probability 0.5 at the top-left cell down to 0.1 at the bottom-right one (linear in
+    row + col: it loses count of rows and columns the farther it goes) and otherwise into a
+    neighbouring cell, answering what its zoom shows. The policy inherits the teacher's
+    unreliable boxes, and its tool-using rollouts of the far cells are nearly always wrong, on
+    the same questions.
+  The variance is in the ACT: the zoom of the right box is as legible as ever (the same
+  legibility test holds), so a correct call gives the answer; resampling a failed call's
+  arguments from its fixed thinking prefix finds the right box with K = 4 draws more often than
+  not at the teacher's rates, which is what AXPO exploits. With G = 8 rollouts, ~30% of them
+  tool-using, those rates predict all-wrong tool-using subgroups on ~0.40 of the questions and
+  all-wrong no-tool subgroups on ~0.12. Measured at RL start (`axpo train`, default config,
+  seed 0, mean of the first 10 RL steps): see README, "The Thinking-Acting Gap".
+- "tool_safe": the original regime (no candidates in the question, an exact teacher): a tool call,
+  once made, is right ~80% of the time and guessing is the failing path, so the gap is inverted
+  (tool-using subgroups all wrong on ~0.12-0.20 of the questions, no-tool ones on ~0.53).
 """
 from __future__ import annotations
 
@@ -22,7 +46,7 @@ from PIL import Image
 from ..rollout.engine import Prompt
 from .base import SftTrace, Task, _check_int
 
-__all__ = ["ZoomDigitsTask", "DIGIT_FONT", "render_glyph"]
+__all__ = ["ZoomDigitsTask", "DIGIT_FONT", "REGIMES", "render_glyph"]
 
 # 5x7 bitmap glyphs, one string of 7 rows of 5 columns per digit ("#" = ink).
 DIGIT_FONT = {
@@ -38,6 +62,12 @@ DIGIT_FONT = {
     "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
 }
 _FONT_W, _FONT_H = 5, 7
+
+# ZoomDigitsTask keyword arguments of each named regime (see the module docstring)
+REGIMES = {
+    "gap": {"options": 3, "teacher_box_accuracy": (0.5, 0.1)},
+    "tool_safe": {},
+}
 
 
 def render_glyph(digit: str, scale: int, stroke: int) -> np.ndarray:
@@ -77,6 +107,12 @@ class ZoomDigitsTask(Task):
         glyph's few pixels blur there, which is what makes the full view unreliable.
     noise: amplitude of uniform pixel noise, in 0-255 levels (default 24, at most 100).
     view_max_pixels: the budget the policy should see images at (default 48*48; None: its own).
+    options: 0 (default) or the number of candidate digits the question lists, the answer among
+        them ("... One of 1, 4, 8."; in [2, 10]).
+    teacher_box_accuracy: (at the top-left cell, at the bottom-right cell): the probability that
+        the SFT teacher's zoom box is the asked cell's, linear in row + col in between; otherwise
+        it zooms into a neighbouring cell (one row or column off, uniformly among those in the
+        grid) and answers the digit that zoom shows. Default (1, 1): an exact teacher.
     """
 
     name = "zoom_digits"
@@ -84,7 +120,8 @@ class ZoomDigitsTask(Task):
 
     def __init__(self, *, seed: int = 0, grid: int = 3, pitch: int = 48, cell_size: int = 12,
                  glyph_scale: int = 1, stroke: int | None = None, jitter: int = 1, noise: int = 24,
-                 view_max_pixels: int | None = 48 * 48):
+                 view_max_pixels: int | None = 48 * 48, options: int = 0,
+                 teacher_box_accuracy: tuple[float, float] = (1.0, 1.0)):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -111,9 +148,27 @@ class ZoomDigitsTask(Task):
         if view_max_pixels is not None:
             _check_int(view_max_pixels, "view_max_pixels", 1)
         self.view_max_pixels = view_max_pixels
+        if isinstance(options, bool) or not isinstance(options, int) or options == 1 or not 0 <= options <= 10:
+            raise ValueError(f"options must be 0 (none) or an int in [2, 10], got {options!r}")
+        self.options = options
+        acc = tuple(teacher_box_accuracy) if isinstance(teacher_box_accuracy, (tuple, list)) else None
+        if acc is None or len(acc) != 2 or not all(
+                not isinstance(a, bool) and isinstance(a, (int, float)) and 0 <= a <= 1 for a in acc):
+            raise ValueError("teacher_box_accuracy must be two probabilities in [0, 1] (top-left cell, "
+                             f"bottom-right cell), got {teacher_box_accuracy!r}")
+        if grid == 1 and min(acc) < 1:
+            raise ValueError("teacher_box_accuracy below 1 needs a neighbouring cell to miss into: grid >= 2")
+        self.teacher_box_accuracy = (float(acc[0]), float(acc[1]))
         self._glyphs = {d: render_glyph(d, glyph_scale, self.stroke) for d in DIGIT_FONT}
         # the glyph's offset range in its cell, per axis: up to jitter, as far as it stays inside
         self._jitter_xy = (min(jitter, (cell_size - 2 - gw) // 2), min(jitter, (cell_size - 2 - gh) // 2))
+
+    @classmethod
+    def from_regime(cls, regime: str, **kwargs) -> "ZoomDigitsTask":
+        """The task of a named regime (REGIMES), kwargs (e.g. seed) added to or overriding it."""
+        if regime not in REGIMES:
+            raise ValueError(f"regime must be one of {list(REGIMES)}, got {regime!r}")
+        return cls(**{**REGIMES[regime], **kwargs})
 
     @property
     def image_size(self) -> int:
@@ -165,17 +220,37 @@ class ZoomDigitsTask(Task):
         image = self.render(digits, rng)
         info = {"row": row, "col": col, "bbox": self.cell_bbox(row, col),
                 "digits": ["".join(r) for r in digits], "split": split, "index": index}
-        return Prompt(f"Digit at row {row + 1}, col {col + 1}?", [image], answer=digits[row][col], info=info)
+        question = f"Digit at row {row + 1}, col {col + 1}?"
+        if self.options:  # drawn after the image, so the other regime's examples are unchanged
+            others = rng.sample([d for d in DIGIT_FONT if d != digits[row][col]], self.options - 1)
+            info["options"] = sorted(others + [digits[row][col]])
+            question += f" One of {', '.join(info['options'])}."
+        return Prompt(question, [image], answer=digits[row][col], info=info)
 
     def prompts(self, split: str, start: int, count: int, *, wrap: bool = False) -> list[Prompt]:
         return [self.example(split, i) for i in self.indices(split, start, count, wrap)]
 
+    def teacher_accuracy(self, row: int, col: int) -> float:
+        """The probability that the teacher's zoom box for cell (row, col) (0-based) is that cell's."""
+        a0, a1 = self.teacher_box_accuracy
+        return a0 if self.grid == 1 else a0 + (a1 - a0) * (row + col) / (2 * (self.grid - 1))
+
     def sft_trace(self, prompt: Prompt, use_tool: bool, rng: random.Random) -> SftTrace | None:
-        """use_tool: think "r{R}c{C}", zoom into the asked cell's box, answer the digit. Otherwise
-        the same thought and the digit directly (as a teacher seeing full resolution writes)."""
+        """use_tool: think "r{R}c{C}", zoom into the teacher's box (the asked cell's with
+        probability teacher_accuracy, else a neighbour's, drawn from rng), answer the digit that
+        box shows. Otherwise the same thought and the right digit directly (as a teacher seeing
+        full resolution writes)."""
         info = prompt.info
-        if not all(k in info for k in ("row", "col", "bbox")):
-            raise ValueError("prompt.info must hold row, col and bbox (a ZoomDigitsTask prompt)")
-        think = f"r{info['row'] + 1}c{info['col'] + 1}"
-        call = {"name": "zoom", "arguments": {"bbox_2d": list(info["bbox"])}} if use_tool else None
-        return SftTrace(think=think, tool_call=call, answer=str(prompt.answer))
+        if not all(k in info for k in ("row", "col", "bbox", "digits")):
+            raise ValueError("prompt.info must hold row, col, bbox and digits (a ZoomDigitsTask prompt)")
+        row, col = info["row"], info["col"]
+        think = f"r{row + 1}c{col + 1}"
+        if not use_tool:
+            return SftTrace(think=think, tool_call=None, answer=str(prompt.answer))
+        accuracy = self.teacher_accuracy(row, col)
+        if accuracy < 1 and rng.random() >= accuracy:  # the teacher misses by one row or column
+            near = [(r, c) for r, c in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1))
+                    if 0 <= r < self.grid and 0 <= c < self.grid]
+            row, col = near[rng.randrange(len(near))]
+        call = {"name": "zoom", "arguments": {"bbox_2d": self.cell_bbox(row, col)}}
+        return SftTrace(think=think, tool_call=call, answer=info["digits"][row][col])

@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from ..algo.methods import LOSS_AGGS, get_method, method_names
+from ..tasks import TASKS
+from ..tasks.zoom_digits import REGIMES
+
 __all__ = ["Config", "ModelConfig", "TaskConfig", "SftConfig", "RlConfig", "RolloutConfig", "VllmConfig",
            "TrainerConfig", "EvalConfig", "LogConfig", "load_config", "config_to_dict"]
 
@@ -29,6 +33,7 @@ class ModelConfig:
     # tiny model size (used only when name_or_path is null)
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    tiny_vision_hidden: int = 64  # width of the tiny vision tower
     tiny_vision: bool = True      # false: a text-only tiny Qwen3 (for text tasks)
     tiny_head_dim: int | None = None  # null: 16 (Qwen3-VL) / 32 (Qwen3); vLLM needs >= 32
     # image budget the policy sees (width * height after resizing); null: the task's
@@ -40,6 +45,9 @@ class ModelConfig:
 class TaskConfig:
     # "zoom_digits" (built-in, generated from task.seed) or "local" (a dataset at task.path)
     name: str = "zoom_digits"
+    # zoom_digits only: "gap" (the Thinking-Acting Gap: tool calls risky, thinking safer) or
+    # "tool_safe" (tool calls reliable); axpo.tasks.zoom_digits.REGIMES
+    regime: str = "gap"
     path: str | None = None
     # columns of a local dataset (null: question/prompt/query/problem, image/images, answer/label/...)
     question_key: str | None = None
@@ -53,7 +61,7 @@ class TaskConfig:
 @dataclass
 class SftConfig:
     # supervised warm-start on generated traces (0 steps: skip)
-    steps: int = 1000
+    steps: int = 700
     batch_size: int = 16
     lr: float = 1e-3
     # fraction of the traces that call the tool (a minority: RL starts where tool use is rare)
@@ -63,13 +71,14 @@ class SftConfig:
 
 @dataclass
 class RlConfig:
-    # "axpo" | "grpo" | "drgrpo" (axpo.algo.AxpoConfig)
+    # a registered method (axpo.algo.method_names()): axpo | grpo | drgrpo | grpo-matched |
+    # axpo-random | axpo-no-credit | axpo-no-fix | axpo-shared-group
     algorithm: str = "axpo"
-    resample: bool = True
-    steps: int = 60
+    resample: bool = True         # a resampling method's step; false gives exactly GRPO
+    steps: int = 30
     questions_per_step: int = 8   # B
     group_size: int = 8           # G
-    ratio: float = 0.25           # extra rollouts r * B * G (AXPO)
+    ratio: float = 0.25           # extra rollouts r * B * G, r in [0, 1] (grpo-matched: G * (1 + r) per group)
     k: int = 4                    # resamples per selected prefix
     score: str = "confidence"     # "confidence" | "entropy"
     tie_break: str = "confidence"
@@ -79,11 +88,11 @@ class RlConfig:
     clip_high: float = 0.4
     kl_coef: float = 1e-3         # 0: no reference policy is kept
     kl_estimator: str = "k3"
-    # "token-mean" (over the global batch's trained tokens) | "seq-mean-token-mean" |
-    # "seq-mean-token-sum-norm" (Dr.GRPO: token sums / (streams * loss_norm_tokens)); null:
-    # token-mean, or seq-mean-token-sum-norm for drgrpo
+    # axpo.ops.policy_loss's agg over the global batch: "token-mean" | "seq-mean-token-mean" |
+    # "seq-mean-token-sum" | "seq-mean-token-sum-norm" (Dr.GRPO: token sums / (streams *
+    # loss_norm_tokens)); null: the method's (drgrpo: seq-mean-token-sum-norm, else token-mean)
     loss_agg: str | None = None
-    loss_norm_tokens: int = 256
+    loss_norm_tokens: int = 256   # seq-mean-token-sum-norm's constant length L
     # optimizer steps per rollout batch (the batch is split in this many mini-batches)
     updates_per_step: int = 1
     entropy_coef: float = 0.0
@@ -124,7 +133,7 @@ class TrainerConfig:
     dtype: str = "float32"        # "float32" | "bfloat16"
     zero_stage: int = 1
     # micro-batches are filled up to this many (padded) tokens; gradients accumulate over them
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 1536
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -137,7 +146,7 @@ class TrainerConfig:
 class EvalConfig:
     questions: int = 32
     samples: int = 4              # per question (Pass@k for k up to this)
-    every: int = 20               # RL steps between evaluations (0: only at the end)
+    every: int = 10               # RL steps between evaluations (0: only at the end)
     temperature: float = 1.0
 
 
@@ -174,13 +183,14 @@ class Config:
                 raise ValueError(f"config {key} must be {expected}, got {value!r}")
 
         choice = lambda key, value, options: need(value in options, key, f"one of {list(options)}")
-        choice("task.name", self.task.name, ("zoom_digits", "local"))
+        choice("task.name", self.task.name, tuple(TASKS))
+        choice("task.regime", self.task.regime, tuple(REGIMES))
         need(self.task.name != "local" or bool(self.task.path), "task.path", "a dataset path when task.name is 'local'")
-        choice("rl.algorithm", self.rl.algorithm, ("axpo", "grpo", "drgrpo"))
+        choice("rl.algorithm", self.rl.algorithm, method_names())
         choice("rl.score", self.rl.score, ("confidence", "entropy"))
         choice("rl.tie_break", self.rl.tie_break, ("confidence", "group_id"))
         choice("rl.kl_estimator", self.rl.kl_estimator, ("k1", "k2", "k3"))
-        choice("rl.loss_agg", self.rl.loss_agg, (None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        choice("rl.loss_agg", self.rl.loss_agg, (None,) + tuple(LOSS_AGGS))
         choice("rollout.engine", self.rollout.engine, ("transformers", "vllm"))
         choice("trainer.device", self.trainer.device, ("auto", "cpu", "cuda"))
         choice("trainer.dtype", self.trainer.dtype, ("float32", "bfloat16"))
@@ -191,12 +201,13 @@ class Config:
         for key in ("sft.batch_size", "rl.questions_per_step", "rl.group_size", "rl.k", "rl.updates_per_step",
                     "rl.loss_norm_tokens", "rollout.max_new_tokens", "rollout.max_turns", "rollout.max_total_tokens",
                     "rollout.max_batch_size", "trainer.micro_batch_tokens", "eval.samples", "log.keep_checkpoints",
-                    "model.tiny_hidden", "model.tiny_layers", "rollout.vllm.tensor_parallel_size",
+                    "model.tiny_hidden", "model.tiny_layers", "model.tiny_vision_hidden", "rollout.vllm.tensor_parallel_size",
                     "rollout.vllm.cpu_kvcache_gib"):
             need(_get(self, key) >= 1, key, "an int >= 1")
         for key in ("sft.lr", "rl.lr"):
             need(_get(self, key) > 0, key, "a number > 0")
-        for key in ("rl.ratio", "rl.adv_eps", "rl.clip_low", "rl.clip_high", "rl.kl_coef", "rl.entropy_coef",
+        need(0 <= self.rl.ratio <= 1, "rl.ratio", "a number in [0, 1]")
+        for key in ("rl.adv_eps", "rl.clip_low", "rl.clip_high", "rl.kl_coef", "rl.entropy_coef",
                     "rollout.temperature", "trainer.grad_clip", "trainer.weight_decay", "eval.temperature"):
             need(_get(self, key) >= 0, key, "a number >= 0")
         need(0 <= self.sft.tool_fraction <= 1, "sft.tool_fraction", "a number in [0, 1]")
@@ -221,9 +232,8 @@ class Config:
 
     @property
     def loss_agg(self) -> str:
-        if self.rl.loss_agg is not None:
-            return self.rl.loss_agg
-        return "seq-mean-token-sum-norm" if self.rl.algorithm == "drgrpo" else "token-mean"
+        """rl.loss_agg, or the method's own aggregation."""
+        return self.rl.loss_agg if self.rl.loss_agg is not None else get_method(self.rl.algorithm).loss_agg
 
 
 def _get(obj, dotted: str):

@@ -238,17 +238,17 @@ class PolicyTrainer:
                 kl_estimator: str, temperature: float, reference: ReferencePolicy | None = None,
                 norm_tokens: int = 256, entropy_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step of the clipped policy-gradient loss (+ KL to the reference) on
-        this rank's rows; `agg` over the GLOBAL batch (see module docstring)."""
+        this rank's rows; `agg` (an axpo.ops.policy_loss mode) over the GLOBAL batch (see module
+        docstring); norm_tokens: seq-mean-token-sum-norm's constant length."""
         world = self.dist.world
         tokens, streams = all_reduce_sum([sum(int(r.loss_mask.sum()) for r in rows), len(rows)])
+        # global counts, divided by the world size because DeepSpeed averages the ranks' gradients
         if agg == "token-mean":
-            num_tokens = max(tokens, 1.0) / world
-        elif agg == "seq-mean-token-sum-norm":  # Dr.GRPO: sum / (streams * L)
-            num_tokens = max(streams, 1.0) * norm_tokens / world
-        elif agg == "seq-mean-token-mean":
-            num_tokens = None
+            counts = {"num_tokens": max(tokens, 1.0) / world}
         else:
-            raise ValueError(f"agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {agg!r}")
+            counts = {"num_seqs": max(streams, 1.0) / world}
+            if agg == "seq-mean-token-sum-norm":
+                counts["norm_tokens"] = norm_tokens
         use_kl = reference is not None and kl_coef > 0
 
         def loss_fn(logp, ent, inputs, select, mb):
@@ -258,10 +258,7 @@ class PolicyTrainer:
             ref = reference.logprobs(inputs, select, temperature) if use_kl else None
             loss, m = policy_loss(logp, old, adv, select, clip_low=clip_low, clip_high=clip_high,
                                   ref_logprobs=ref, kl_coef=kl_coef if use_kl else 0.0, kl_estimator=kl_estimator,
-                                  agg="seq-mean-token-mean" if num_tokens is None else "token-mean",
-                                  num_tokens=num_tokens)
-            if num_tokens is None:  # this micro-batch's share of the mean over the global streams
-                loss = loss * (len(mb) * world / max(streams, 1.0))
+                                  agg=agg, **counts)
             entropy_sum = ent.sum()  # 0 off the selected tokens
             if entropy_coef > 0:
                 loss = loss - entropy_coef * entropy_sum / (max(tokens, 1.0) / world)

@@ -105,3 +105,13 @@ def make_continuation(source: Rollout, uid: int, reward: float | None, call: dic
                    turns=turns, tool_calls=[record], reward=reward, stream=Stream.CONTINUATION,
                    source_uid=source.uid, prefix_len=p,
                    entropies=w.ents if source.entropies is not None else None)
+
+
+def make_fresh(source: Rollout, uid: int, reward: float | None, calls=1, *, seed: int | None = None) -> Rollout:
+    """A CONTINUATION of `source` from its prompt (axpo-no-fix: a fresh rollout of the question):
+    the same prompt tokens, then a whole new rollout with `calls` tool calls."""
+    fresh = make_rollout(source.group_id, uid, reward, calls, prompt_len=source.prompt_len,
+                         seed=seed if seed is not None else 7919 * uid + 29)
+    fresh.token_ids[:source.prompt_len] = source.token_ids[:source.prompt_len]
+    fresh.stream, fresh.source_uid, fresh.prefix_len = Stream.CONTINUATION, source.uid, source.prompt_len
+    return fresh

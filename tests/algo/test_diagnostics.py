@@ -38,6 +38,10 @@ def test_step_diagnostics_values():
     conf = [c.confidence for c in plan.candidates]
     assert d["confidence_mean"] == pytest.approx(sum(conf) / 4)
     assert d["confidence_min"] == min(conf) and d["confidence_max"] == max(conf)
+    chosen = {p.uid for p in plan.selected}
+    assert d["confidence_selected_mean"] == pytest.approx(sum(p.confidence for p in plan.selected) / 3)
+    assert d["confidence_rest_mean"] == pytest.approx(next(c.confidence for c in plan.candidates if c.uid not in chosen))
+    assert d["confidence_selected_mean"] < d["confidence_rest_mean"]  # lowest confidence first
     assert "entropy_mean" in d
     assert d["distinct_tool_calls_resampled"] == pytest.approx((2 / 2 + 1 / 2) / 2)  # key order ignored
     assert d["extra_rollout_tokens"] == sum(len(c) - c.prefix_len for c in conts) > 0

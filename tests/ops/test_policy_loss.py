@@ -131,6 +131,23 @@ def test_num_tokens(any_backend, num_tokens):
     torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("agg", AGGS[1:])
+@pytest.mark.parametrize("num_seqs", [None, 3, 40.0, "tensor"])
+def test_num_seqs_and_norm_tokens(any_backend, agg, num_seqs):
+    """The seq-means over a global sequence count (and Dr.GRPO's constant length L): the same
+    numbers as the reference, and exactly (B / num_seqs) * (T / L) times the local values."""
+    backend, device = any_backend
+    inputs = make_inputs(device=device)
+    B, T = inputs["logprobs"].shape
+    n = torch.tensor(7.0, device=device) if num_seqs == "tensor" else num_seqs
+    norm = {"norm_tokens": 256} if agg == "seq-mean-token-sum-norm" else {}
+    loss, _, g = check(backend, inputs, agg=agg, num_seqs=n, **norm)
+    l0, _, g0 = run(policy_loss, inputs, backend=backend, agg=agg)
+    factor = (B / float(n if n is not None else B)) * (T / 256 if norm else 1.0)
+    torch.testing.assert_close(loss, l0 * factor, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, g0 * factor, rtol=1e-5, atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # edge cases
 # --------------------------------------------------------------------------------------------
@@ -409,6 +426,11 @@ def _bad_cases():
         (dict(num_tokens=0), ValueError, "num_tokens must be > 0"),
         (dict(num_tokens=10, agg="seq-mean-token-sum"), ValueError, "num_tokens is only used with agg='token-mean'"),
         (dict(num_tokens=torch.ones(2)), ValueError, "num_tokens must be a number or a one-element tensor"),
+        (dict(num_seqs=4), ValueError, "num_seqs is only used with agg='seq-mean-token-mean' or"),
+        (dict(num_seqs=0, agg="seq-mean-token-mean"), ValueError, "num_seqs must be > 0"),
+        (dict(num_seqs=torch.ones(3), agg="seq-mean-token-sum"), ValueError, "num_seqs must be a number or a one-"),
+        (dict(norm_tokens=64, agg="seq-mean-token-sum"), ValueError, "norm_tokens is only used with agg='seq-mean-token-sum-norm'"),
+        (dict(norm_tokens=-1.0, agg="seq-mean-token-sum-norm"), ValueError, "norm_tokens must be > 0"),
         (dict(backend="mkl"), ValueError, "backend must be one of"),
     ], ok
 

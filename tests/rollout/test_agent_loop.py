@@ -141,10 +141,26 @@ def test_resample_continues_from_the_fixed_prefix(chat, tools):
     assert req.fork_from == (src.uid, cut) and req.in_tool_call and len(req.images) == 1
 
 
+def test_resample_from_the_prompt_is_a_fresh_rollout(chat, tools):
+    """axpo-no-fix's cut: prefix_len = the prompt's length starts a new first model turn (forking
+    the prompt's KV), with nothing of the source's own turns."""
+    engine = _engine(chat, tools, [ZOOM, ANSWER])
+    [src] = engine.generate([Prompt("q", [_image()], answer="3")], SamplingSettings(), n=1)
+    engine.script = lambda req, t: [ZOOM, ANSWER][min(t, 1)]
+    [conts] = engine.resample([(src, src.prompt_len)], k=2, sampling=SamplingSettings())
+    for c in conts:
+        assert c.stream == Stream.CONTINUATION and c.prefix_len == src.prompt_len and c.source_uid == src.uid
+        assert torch.equal(c.token_ids, src.token_ids) and c.reward == 1.0 and len(c.tool_calls) == 1
+        assert [t.role for t in c.turns] == ["prompt", "model", "tool", "model"] and len(c.images) == 2
+        _masks_follow_turns(c)
+    req = engine.requests[-2][0]
+    assert req.fork_from == (src.uid, src.prompt_len) and not req.in_tool_call and len(req.images) == 1
+
+
 def test_resample_rejects_bad_prefixes(chat, tools):
     engine = _engine(chat, tools, [ANSWER])
     [src] = engine.generate([Prompt("q")], SamplingSettings(), n=1)
-    with pytest.raises(ValueError, match="inside a model turn"):
+    with pytest.raises(ValueError, match="the prompt's length .* or cut inside a model turn"):
         engine.resample([(src, 3)], k=2, sampling=SamplingSettings())
     with pytest.raises(ValueError, match="prefix_len"):
         engine.resample([(src, len(src) + 1)], k=2, sampling=SamplingSettings())

@@ -185,3 +185,63 @@ def test_digit_is_legible_through_zoom_and_mostly_not_without(task, processor, t
     print(f"legibility: zoom {zoom_acc:.3f}, full view {full_acc:.3f}")
     assert zoom_acc >= 0.95
     assert 0.10 < full_acc <= 0.60
+
+
+# -- the "gap" regime: candidates in the question, a weak teacher --------------------------------
+
+@pytest.fixture(scope="module")
+def gap():
+    return ZoomDigitsTask.from_regime("gap")
+
+
+def test_gap_regime_renders_the_same_images(task, gap):
+    """Only the question and the teacher change: the pixels (hence the legibility measured above)
+    are those of the tool_safe regime, example for example."""
+    for a, b in zip(task.prompts("test", 0, 20), gap.prompts("test", 0, 20)):
+        assert (pixels(a.images[0]) == pixels(b.images[0])).all() and a.answer == b.answer
+        assert b.question.startswith(a.question)
+    assert ZoomDigitsTask.from_regime("tool_safe").options == 0
+    with pytest.raises(ValueError, match="regime must be one of"):
+        ZoomDigitsTask.from_regime("hard")
+
+
+def test_gap_questions_list_three_candidates_with_the_answer(gap):
+    positions = set()
+    for p in gap.prompts("train", 0, 200):
+        opts = p.info["options"]
+        assert len(set(opts)) == 3 and opts == sorted(opts) and p.answer in opts
+        assert p.question.endswith(f" One of {', '.join(opts)}.")
+        positions.add(opts.index(p.answer))
+    assert positions == {0, 1, 2}  # the answer's place among them tells nothing
+
+
+def test_gap_teacher_misses_by_one_cell_at_its_rates_and_answers_what_it_zoomed(gap, tools):
+    """The teacher's box is the asked cell's with probability 0.5 (top-left) .. 0.1 (bottom-right),
+    else a neighbour's; the answer is that box's digit, so every trace is what its zoom shows."""
+    hits: dict = {}
+    rng = random.Random(0)
+    for p in gap.prompts("train", 0, 900):
+        t = gap.sft_trace(p, True, rng)
+        x1, y1 = t.tool_call["arguments"]["bbox_2d"][:2]
+        cells = [(r, c) for r in range(3) for c in range(3) if gap.cell_bbox(r, c)[:2] == [x1, y1]]
+        assert len(cells) == 1
+        (r, c), (row, col) = cells[0], (p.info["row"], p.info["col"])
+        assert abs(r - row) + abs(c - col) <= 1
+        assert t.answer == p.info["digits"][r][c] and t.think == f"r{row + 1}c{col + 1}"
+        hits.setdefault(row + col, []).append((r, c) == (row, col))
+        if len(hits[row + col]) == 1:  # the call runs
+            assert tools.execute(json.dumps(t.tool_call), ToolContext(images=list(p.images))).ok
+    for d, want in zip(range(5), (0.5, 0.4, 0.3, 0.2, 0.1)):
+        got = np.mean(hits[d])
+        assert abs(got - want) < 3.5 * np.sqrt(want * (1 - want) / len(hits[d])) + 0.01, (d, got, len(hits[d]))
+    assert gap.sft_trace(p, False, rng) == SftTrace(f"r{row + 1}c{col + 1}", None, p.answer)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(options=1), "options"), (dict(options=11), "options"), (dict(options=True), "options"),
+    (dict(teacher_box_accuracy=(1.2, 0.1)), "teacher_box_accuracy"), (dict(teacher_box_accuracy=0.5), "teacher"),
+    (dict(grid=1, teacher_box_accuracy=(0.5, 0.5)), "neighbouring cell"),
+])
+def test_gap_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ZoomDigitsTask(**kwargs)

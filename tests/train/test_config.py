@@ -28,13 +28,22 @@ def test_overrides_parse_as_yaml_and_win_over_the_file(tmp_path):
     assert load_config(None, ["rl.lr=1e-3"]).rl.lr == 1e-3  # YAML 1.1 reads this as a string
 
 
-def test_dr_grpo_defaults_to_the_constant_normalizer():
+def test_the_loss_aggregation_is_the_methods_unless_set():
     assert load_config(None, ["rl.algorithm=drgrpo"]).loss_agg == "seq-mean-token-sum-norm"
     assert load_config(None).loss_agg == "token-mean"
+    assert load_config(None, ["rl.algorithm=axpo-no-fix"]).loss_agg == "token-mean"
+    assert load_config(None, ["rl.algorithm=drgrpo", "rl.loss_agg=seq-mean-token-mean"]).loss_agg == "seq-mean-token-mean"
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["rl.stepz=1"], "unknown key 'rl.stepz'"),
+    (["rl.algorithm=ppo"], "config rl.algorithm must be one of ['grpo', 'drgrpo', 'axpo', 'grpo-matched', "
+                           "'axpo-random', 'axpo-no-credit', 'axpo-no-fix', 'axpo-shared-group'], got 'ppo'"),
+    (["rl.ratio=1.5"], "config rl.ratio must be a number in [0, 1], got 1.5"),
+    (["rl.ratio=-0.1"], "config rl.ratio must be a number in [0, 1]"),
+    (["rl.k=0"], "config rl.k must be an int >= 1, got 0"),
+    (["rl.loss_agg=sum"], "config rl.loss_agg must be one of [None, 'token-mean'"),
+    (["task.regime=easy"], "config task.regime must be one of ['gap', 'tool_safe']"),
     (["bogus=1"], "unknown key 'bogus'"),
     (["rl=3"], "config rl must be a mapping"),
     (["rl.steps=1.5"], "config rl.steps must be an int"),

@@ -1,4 +1,5 @@
-"""axpo.train.report: Pass@k, eval summary, the metrics log, plots, progress, comparison table."""
+"""The reports of axpo.train: Pass@k and the eval summary (evaluate), the metrics log and progress
+(logs), plots, the comparison table and paired differences (compare)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,17 +13,10 @@ import pytest
 import torch
 
 from axpo.algo import Rollout, ToolCallRecord
-from axpo.train.report import (
-    MetricsLogger,
-    Progress,
-    compare_table,
-    eval_summary,
-    format_metrics,
-    pass_at_k,
-    plot_compare,
-    plot_learning_curves,
-    read_metrics,
-)
+from axpo.train.compare import compare_table, paired_differences, t_quantile_975
+from axpo.train.evaluate import eval_summary, pass_at_k
+from axpo.train.logs import MetricsLogger, Progress, format_metrics, read_metrics
+from axpo.train.plots import plot_compare, plot_learning_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,6 +100,8 @@ def test_eval_summary_by_hand():
     assert s["n_questions_no_tool@1"] == 3 and s["pass@1_no_tool"] == pytest.approx((0 + 1 + 0.2) / 3)
     assert s["n_questions_no_tool@2"] == 2 and s["pass@2_no_tool"] == pytest.approx((0 + 0.4) / 2)
     assert s["n_questions_no_tool@4"] == 1 and s["pass@4_no_tool"] == pytest.approx(0.8)
+    # all wrong: tool-using samples of g0 (1 right) no, g1 (0 of 3) yes; no-tool ones of g0 yes, g1 and g2 no
+    assert s["all_wrong_rate_tool"] == pytest.approx(1 / 2) and s["all_wrong_rate_no_tool"] == pytest.approx(1 / 3)
     assert all(isinstance(v, float) and math.isfinite(v) for v in s.values())
 
 
@@ -300,3 +296,29 @@ def test_compare_table_single_seed_and_errors():
         compare_table([run, dict(run)], ["x"])
     with pytest.raises(ValueError, match=r"runs\[0\] must have a 'metrics' field"):
         compare_table([{"method": "a", "seed": 0}], ["x"])
+
+
+def test_paired_differences_and_the_t_interval():
+    runs = [{"method": m, "seed": s, "metrics": {"pass@1": v}} for m, s, v in
+            [("axpo", 0, 0.6), ("axpo", 1, 0.5), ("axpo", 2, 0.9), ("grpo", 0, 0.5), ("grpo", 1, 0.5),
+             ("grpo", 2, 0.6), ("grpo", 3, 0.1)]]
+    d = paired_differences(runs, "axpo", "grpo", "pass@1")
+    assert d["n"] == 3 and d["diffs"] == pytest.approx([0.1, 0.0, 0.3])  # seed 3 has no pair
+    assert d["mean"] == pytest.approx(0.4 / 3)
+    sd = math.sqrt(((0.1 - 0.4 / 3) ** 2 + (0.4 / 3) ** 2 + (0.3 - 0.4 / 3) ** 2) / 2)
+    assert d["std"] == pytest.approx(sd)
+    assert (d["low"], d["high"]) == pytest.approx((0.4 / 3 - 4.303 * sd / math.sqrt(3), 0.4 / 3 + 4.303 * sd / math.sqrt(3)))
+    one = paired_differences(runs[:1] + runs[3:4], "axpo", "grpo", "pass@1")
+    assert one["n"] == 1 and "low" not in one
+    assert paired_differences(runs, "axpo", "drgrpo", "pass@1") is None
+    assert (t_quantile_975(1), t_quantile_975(4), t_quantile_975(30)) == (12.706, 2.776, 2.042)
+    assert 1.96 < t_quantile_975(1000) < t_quantile_975(31) < 2.042
+    with pytest.raises(ValueError, match="df must be an int >= 1"):
+        t_quantile_975(0)
+
+
+def test_compare_table_extra_columns():
+    runs = [{"method": "grpo", "seed": 0, "metrics": {"pass@1": 0.5}, "wall_time_s": 120.0}]
+    table = compare_table(runs, ["pass@1"], extra=("wall_time_s",))
+    assert table.splitlines()[0] == "| method | n | pass@1 | wall time (s) |"
+    assert "| grpo | 1 | 0.500 ± 0 | 120 ± 0 |" in table

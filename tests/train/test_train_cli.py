@@ -113,22 +113,38 @@ def test_eval_reports_pass_at_k_with_and_without_tools(straight_run):
     assert {"pass@1", "pass@2", "tool_call_rate", "n_questions_tool@1", "n_questions_no_tool@1"} <= set(summary)
 
 
-def test_compare_writes_a_table(tmp_path):
+def test_compare_runs_registered_methods_in_parallel_and_resumes(tmp_path):
     out = str(tmp_path / "cmp")
-    proc = _axpo("compare", *TINY, "rl.steps=1", "sft.steps=2", "--seeds", "0", "--out", out)
+    args = ["compare", *TINY, "rl.steps=1", "sft.steps=2", "eval.every=0", "--seeds", "0", "1", "--methods", "grpo",
+            "grpo-matched", "axpo", "axpo-no-fix", "--jobs", "2", "--out", out]
+    proc = _axpo(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = open(os.path.join(out, "compare.md")).read()
-    assert "| grpo |" in table and "| axpo |" in table
+    assert all(f"| {m} |" in table for m in ("grpo", "grpo-matched", "axpo", "axpo-no-fix"))
+    assert "| axpo − grpo | pass@1 | 2 |" in table and "| axpo − grpo-matched | pass@2 | 2 |" in table
     runs = json.load(open(os.path.join(out, "compare.json")))
-    assert [r["method"] for r in runs] == ["grpo", "axpo"]
-    grpo, axpo = runs
-    assert axpo["rollouts"] >= grpo["rollouts"] == 8  # AXPO's extra rollouts are reported
-    assert os.path.isfile(os.path.join(out, "compare_train_reward.png"))
+    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in
+                                                         ("grpo", "grpo-matched", "axpo", "axpo-no-fix")]
+    by = {(r["method"], r["seed"]): r for r in runs}
+    for seed in (0, 1):
+        assert by[("grpo", seed)]["rollouts"] == 2 * 4  # B x G
+        assert by[("grpo-matched", seed)]["rollouts"] == 2 * 6  # B x round(G * (1 + r))
+        assert by[("axpo", seed)]["rollouts"] >= 8  # AXPO's extra rollouts are reported
+        assert "pass@1" in by[("axpo", seed)]["metrics"] and by[("axpo", seed)]["wall_time_s"] > 0
+    for name in ("eval_pass1", "train_reward", "tool_call_rate", "all_wrong_tool"):
+        assert open(os.path.join(out, f"compare_{name}.png"), "rb").read(4) == b"\x89PNG"
+    # the same study again reuses every finished run: no training, the same numbers
+    stamp = os.path.getmtime(os.path.join(out, "seed0", "axpo", "metrics.jsonl"))
+    proc = _axpo(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.path.getmtime(os.path.join(out, "seed0", "axpo", "metrics.jsonl")) == stamp
+    assert [r["metrics"] for r in json.load(open(os.path.join(out, "compare.json")))] == [r["metrics"] for r in runs]
 
 
 @pytest.mark.parametrize("arg,message", [
     ("rl.stepz=3", "unknown key 'rl.stepz'"),
-    ("rl.algorithm=ppo", "rl.algorithm must be one of"),
+    ("rl.algorithm=ppo", "rl.algorithm must be one of ['grpo', 'drgrpo', 'axpo', 'grpo-matched'"),
+    ("rl.ratio=2", "rl.ratio must be a number in [0, 1], got 2"),
     ("trainer.zero_stage=4", "trainer.zero_stage"),
     ("sft.lr=fast", "sft.lr must be a finite number"),
     ("nonsense", "key=value"),

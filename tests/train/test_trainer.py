@@ -69,7 +69,8 @@ def _torchrun(nproc: int, out: str, stage: int, agg: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("stage,agg", [(1, "token-mean"), (2, "seq-mean-token-sum-norm"), (3, "seq-mean-token-mean")])
+@pytest.mark.parametrize("stage,agg", [(1, "token-mean"), (2, "seq-mean-token-sum-norm"), (3, "seq-mean-token-mean"),
+                                       (1, "seq-mean-token-sum")])
 def test_two_processes_take_the_same_step_as_one(tmp_path, stage, agg):
     """torchrun --nproc_per_node=2 (each rank half the batch, several micro-batches, ZeRO stage) gives the
     same SFT and RL losses, gradient norms and weights as one process on the whole batch."""
@@ -80,6 +81,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, stage, agg):
         for key in ("loss", "grad_norm"):
             assert two[phase][key] == pytest.approx(one[phase][key], rel=1e-5), (phase, key)
     assert two["rl"]["kl"] == pytest.approx(one["rl"]["kl"], rel=1e-5)
+    # and both are axpo.ops.policy_loss's value on the whole batch: one meaning of each aggregation
+    assert one["rl"]["loss"] == pytest.approx(one["direct_rl_loss"], rel=1e-5)
     assert two["rl"]["clipfrac"] == pytest.approx(one["rl"]["clipfrac"], abs=1e-6)
     # Adam turns float32 reduction-order noise in near-zero gradients into at most a small part of a step
     # (lr 1e-2); a scaling mistake shows in the loss and gradient norm above

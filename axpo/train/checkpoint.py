@@ -1,0 +1,102 @@
+"""The state one `axpo train` call shares across its stages: the output layout, the metrics log,
+and checkpoints (DeepSpeed's, with the stage, the step and the RNG states) to resume from.
+
+Layout of output_dir: metrics.jsonl, checkpoints/ (DeepSpeed, tags sft-NNNNNN / rl-NNNNNN),
+sft_policy/ (the warm-started policy: the RL stage's start and its KL reference), final/ (the
+trained policy), rollout_init/ (with rollout.engine=vllm and no saved policy to start from: the
+built policy vLLM loads), learning_curves.png, summary.json, config.yaml.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from ..models import Policy, save_policy
+from .build import build_task
+from .config import Config
+from .distributed import DistInfo, barrier
+from .logs import MetricsLogger
+
+__all__ = ["RunState", "CHECKPOINTS", "SFT_POLICY", "FINAL_POLICY", "ROLLOUT_INIT", "resume_point",
+           "restore_rng_state"]
+
+CHECKPOINTS = "checkpoints"
+SFT_POLICY = "sft_policy"
+FINAL_POLICY = "final"
+ROLLOUT_INIT = "rollout_init"
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _latest_tag(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def _prune_checkpoints(ckpt_dir: str, stage: str, keep: int) -> None:
+    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith(stage + "-") and os.path.isdir(os.path.join(ckpt_dir, t)))
+    for tag in tags[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+class RunState:
+    """State shared by the stages of one `train` call."""
+
+    def __init__(self, cfg: Config, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.out = cfg.log.output_dir
+        self.ckpt_dir = os.path.join(self.out, CHECKPOINTS)
+        self.task = build_task(cfg)
+        self.logger: MetricsLogger | None = None
+
+    def log(self, stage: str, step: int, global_step: int, metrics: dict) -> None:
+        if self.logger is not None:
+            self.logger.log(stage, step, global_step, metrics)
+
+    def save(self, trainer, stage: str, step: int, global_step: int) -> None:
+        state = {"stage": stage, "step": step, "global_step": global_step, "rng": _rng_state()}
+        trainer.save(self.ckpt_dir, f"{stage}-{step:06d}", state)
+        barrier()
+        if self.dist.is_main:
+            _prune_checkpoints(self.ckpt_dir, stage, self.cfg.log.keep_checkpoints)
+        barrier()
+
+    def save_policy(self, trainer, policy: Policy, name: str) -> None:
+        """The trainer's weights (gathered on every rank under ZeRO-3) saved as output_dir/name."""
+        weights = trainer.weights()
+        if self.dist.is_main:
+            save_policy(policy, os.path.join(self.out, name), state_dict=weights)
+        barrier()
+
+
+def resume_point(run: RunState) -> dict | None:
+    """{"tag", "stage", "step"} of output_dir's latest checkpoint, or None (none, or log.resume off)."""
+    if not run.cfg.log.resume:
+        return None
+    tag = _latest_tag(run.ckpt_dir)
+    if tag is None:
+        return None
+    stage, _, step = tag.partition("-")
+    if stage not in ("sft", "rl") or not step.isdigit():
+        raise ValueError(f"{run.ckpt_dir}/latest names an unknown checkpoint tag {tag!r}")
+    return {"tag": tag, "stage": stage, "step": int(step)}
