@@ -98,7 +98,7 @@ def assemble_advantages(rollouts, continuations, cfg: AxpoConfig) -> list[TrainS
     Args:
         rollouts: the step's ORIGINAL rollouts (R of them, all scored, uids unique).
         continuations: CONTINUATION rollouts (source_uid, prefix_len, reward set; any number per
-            source); must be empty unless cfg resamples (algorithm "axpo", resample=True).
+            source); must be empty unless cfg resamples (a resampling method, resample=True).
         cfg: AxpoConfig (algorithm, resample, scale, eps).
     Returns:
         one TrainSample per rollout, in input order (a source with continuations as a

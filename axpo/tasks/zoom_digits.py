@@ -25,16 +25,24 @@ Regimes (`REGIMES`, `ZoomDigitsTask.from_regime`; `task.regime` in `axpo train`)
     neighbouring cell, answering what its zoom shows. The policy inherits the teacher's
     unreliable boxes, and its tool-using rollouts of the far cells are nearly always wrong, on
     the same questions.
-  The variance is in the ACT: the zoom of the right box is as legible as ever (the same
-  legibility test holds), so a correct call gives the answer; resampling a failed call's
-  arguments from its fixed thinking prefix finds the right box with K = 4 draws more often than
-  not at the teacher's rates, which is what AXPO exploits. With G = 8 rollouts, ~30% of them
-  tool-using, those rates predict all-wrong tool-using subgroups on ~0.40 of the questions and
-  all-wrong no-tool subgroups on ~0.12. Measured at RL start (`axpo train`, default config,
-  seed 0, mean of the first 10 RL steps): see README, "The Thinking-Acting Gap".
+  The variance is in the ACT: the zoom of the right box is as legible as ever (the images are
+  those of "tool_safe", so its legibility test holds), so a correct call gives the answer, and
+  resampling a failed call's arguments from its fixed thinking prefix with K = 4 draws finds the
+  right box with probability 1 - (1 - p)^4 (0.34 at the teacher's p = 0.1, 0.76 at p = 0.3),
+  which is what AXPO exploits. Why the subgroups differ: with G = 8 rollouts, ~30% of them
+  tool-using, a question's tool-using subgroup has ~2.4 rollouts and its no-tool one ~5.6, and
+  the far cells' calls fail together; a perfect imitation of the teacher (right box with p = 0.3
+  on average, always read correctly) would give all-wrong tool-using subgroups on ~0.37 of the
+  questions and all-wrong no-tool ones on ~0.12. Measured at RL start (`axpo train`, default
+  config, seed 0, mean of the first 10 RL steps): tool-call rate 0.28, tool-using subgroups all
+  wrong 0.67, no-tool ones 0.26. The warm-started policy is weaker than its teacher on both
+  paths: it reads a right box's zoom with P(answer) 0.5-0.7 and not every no-tool answer is one
+  of the candidates. AXPO triggers on 0.61 of the groups and 0.63 of its selected prefixes
+  recover. README, "The Thinking-Acting Gap", has the table.
 - "tool_safe": the original regime (no candidates in the question, an exact teacher): a tool call,
-  once made, is right ~80% of the time and guessing is the failing path, so the gap is inverted
-  (tool-using subgroups all wrong on ~0.12-0.20 of the questions, no-tool ones on ~0.53).
+  once made, is right ~65-80% of the time and guessing is the failing path, so the gap is inverted
+  (measured the same way with its 1000-step warm-start: tool-using subgroups all wrong on 0.20
+  of the questions, no-tool ones on 0.55).
 """
 from __future__ import annotations
 

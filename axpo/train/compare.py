@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import yaml
 
+from ..algo.methods import get_method
 from .checkpoint import SFT_POLICY
 from .config import Config, config_to_dict
 from .distributed import setup
@@ -57,10 +58,11 @@ def t_quantile_975(df: int) -> float:
 
 
 def paired_differences(runs: Sequence[Mapping], method: str, baseline: str, metric: str) -> dict | None:
-    """method - baseline on `metric`, paired by seed (the seeds both have): n, mean, sample std,
-    and the 95% paired-t interval mean ± t(n-1) * std / sqrt(n) (None with fewer than 2 pairs)."""
+    """method - baseline on `metric`, paired by seed (the seeds both have): {"n", "mean", "diffs"}
+    and, from 2 pairs on, the sample "std" and the 95% paired-t interval "low" / "high" = mean ±
+    t(n-1) * std / sqrt(n). None when no seed has both."""
     by = {(r["method"], r["seed"]): r["metrics"].get(metric) for r in runs}
-    seeds = sorted({r["seed"] for r in runs if r["method"] == method}, key=repr)
+    seeds = sorted({r["seed"] for r in runs if r["method"] == method})
     diffs = [by[(method, s)] - by[(baseline, s)] for s in seeds
              if by.get((method, s)) is not None and by.get((baseline, s)) is not None]
     if not diffs:
@@ -264,9 +266,9 @@ def compare(cfg: Config, seeds: Sequence[int], methods: Sequence[str] = ("grpo",
     {"runs", "table", "output_dir"} (the table and directory on the main rank)."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
-    dist = setup(cfg.trainer.device) if jobs == 1 else None
-    if dist is not None and dist.world > 1 and jobs > 1:
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("jobs > 1 runs its own processes: launch axpo compare without torchrun for that")
+    dist = setup(cfg.trainer.device) if jobs == 1 else None
     out = output_dir or os.path.join(os.path.dirname(cfg.log.output_dir.rstrip("/")) or ".", "compare")
     runner = _Runner(jobs)
     t0 = time.perf_counter()
@@ -308,15 +310,15 @@ def write_study(cfg: Config, runs: list[dict], out: str, *, seeds: list, wall_ti
     header = (f"# {' vs '.join(methods)} on {cfg.task.name}"
               + (f" ({cfg.task.regime})" if cfg.task.name == "zoom_digits" else "") + "\n\n"
               f"Seeds {seeds}; per seed one SFT warm-start ({cfg.sft.steps} steps) shared by the methods, then "
-              f"{cfg.rl.steps} RL steps of {cfg.rl.questions_per_step} questions x {cfg.rl.group_size} rollouts "
-              f"(grpo-matched: {round(cfg.rl.group_size * (1 + cfg.rl.ratio))}); the resampling methods add "
-              f"r={cfg.rl.ratio}, K={cfg.rl.k}. Final evaluation: {cfg.eval.questions} held-out questions x "
+              f"{cfg.rl.steps} RL steps of {cfg.rl.questions_per_step} questions x rollouts per question: "
+              + ", ".join(f"{m} {get_method(m).group_size(cfg.rl.group_size, cfg.rl.ratio)}" for m in methods)
+              + f"; the resampling methods add r={cfg.rl.ratio}, K={cfg.rl.k}. Final evaluation: {cfg.eval.questions} held-out questions x "
               f"{k} samples (temperature {cfg.eval.temperature}). Study wall time {wall_time_s / 60:.1f} min "
               f"(the runs' own: wall time column).\n\n")
     lines = ["## Outcome (final held-out evaluation; rollouts and tokens over all RL steps)\n",
              compare_table(runs, outcome, extra=("rollouts", "rollout_tokens", "wall_time_s")),
              "## Paired differences over seeds (95% paired-t interval: mean ± t(n-1) · sd / √n)\n"]
-    pairs = [(m, b) for m in methods for b in methods if m == "axpo" and b != "axpo"]
+    pairs = [("axpo", b) for b in methods if b != "axpo"] if "axpo" in methods else []
     if pairs:
         lines.append("| difference | metric | n | mean | sd | 95% interval | per seed |")
         lines.append("|---|---|---|---|---|---|---|")

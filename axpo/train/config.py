@@ -75,7 +75,7 @@ class RlConfig:
     # axpo-random | axpo-no-credit | axpo-no-fix | axpo-shared-group
     algorithm: str = "axpo"
     resample: bool = True         # a resampling method's step; false gives exactly GRPO
-    steps: int = 30
+    steps: int = 20
     questions_per_step: int = 8   # B
     group_size: int = 8           # G
     ratio: float = 0.25           # extra rollouts r * B * G, r in [0, 1] (grpo-matched: G * (1 + r) per group)

@@ -74,7 +74,8 @@ def rl_step(run: RunState, trainer: PolicyTrainer, engine, reference, step: int,
     if extra["resample_prompt_tokens"]:
         extra["resample_prefix_hit_rate"] = extra["resample_prefill_tokens_saved"] / extra["resample_prompt_tokens"]
     extra["rollouts"] = float(len(everything) + len(all_conts))
-    extra["rollout_tokens"] = float(sum(int(r.trainable.sum()) for r in everything + all_conts))
+    # the tokens sampled for this step's rollouts: a continuation's copied prefix is not counted
+    extra["rollout_tokens"] = float(sum(int(r.trainable[r.prefix_len or 0:].sum()) for r in everything + all_conts))
     extra.update(train_metrics)
     extra["rollout_time_s"] = rollout_time
     extra["train_time_s"] = train_time

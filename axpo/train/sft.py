@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -29,12 +30,20 @@ def run_sft(run: RunState, policy: Policy, resume: dict | None) -> None:
         restore_rng_state(state.get("rng"))
         start = int(state["step"])
     chat, tools = ChatFormat(policy.tokenizer, policy.image_processor), default_registry()
+
+    def batch(step: int):
+        return sft_batch(run.task, chat, tools, step=step, batch_size=cfg.sft.batch_size,
+                         tool_fraction=cfg.sft.tool_fraction, seed=derive_seed(cfg.seed, "sft"),
+                         split=cfg.task.train_split)
+
+    # the next step's traces (images rendered, tool calls run, tokens encoded) are made in a
+    # thread while this step trains: the same data, off the critical path
     with Progress(cfg.sft.steps, "sft", enabled=cfg.log.progress and dist.is_main,
-                  keys=("loss", "entropy", "lr"), initial=start) as bar:
+                  keys=("loss", "entropy", "lr"), initial=start) as bar, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(batch, start) if start < cfg.sft.steps else None
         for step in range(start, cfg.sft.steps):
-            examples = sft_batch(run.task, chat, tools, step=step, batch_size=cfg.sft.batch_size,
-                                 tool_fraction=cfg.sft.tool_fraction, seed=derive_seed(cfg.seed, "sft"),
-                                 split=cfg.task.train_split)
+            examples = pending.result()
+            pending = pool.submit(batch, step + 1) if step + 1 < cfg.sft.steps else None
             mine = examples[dist.rank::dist.world]
             rows = [Row(e.token_ids, list(e.images), torch.tensor(e.labels) != -100) for e in mine]
             t0 = time.perf_counter()
