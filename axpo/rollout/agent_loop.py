@@ -15,6 +15,7 @@ import torch
 
 from ..algo.records import Rollout, Stream, ToolCallRecord, Turn
 from ..tools import ToolContext
+from .chat import valid_text
 from .engine import Prompt, RolloutEngine, SamplingSettings, TurnOutput, TurnRequest
 from .reward import extract_answer
 
@@ -92,8 +93,9 @@ def _append_turn(engine: RolloutEngine, ep: _Episode, out: TurnOutput, sampling:
         text += f"\n[{len(new_images)} image(s) omitted: this model reads text only]"
         new_images = []
     call = result.call
+    text = valid_text(text)  # model-written strings may hold lone surrogates (JSON escapes)
     ep.tool_calls.append(ToolCallRecord(start=open_start, end=end, open_end=open_end,
-                                        name=call.name if call is not None else None,
+                                        name=valid_text(call.name) if call is not None else None,
                                         arguments=dict(call.arguments) if call is not None else None,
                                         result=text, error=result.error, num_images=len(new_images)))
     if ep.model_turns >= sampling.max_turns:

@@ -4,13 +4,28 @@ Token ids are built by concatenating encoded pieces, and `<|image_pad|>` is repe
 the vision tower will produce tokens (the Qwen3-VL processor, which does this in transformers,
 needs torchvision). The same code serves Qwen3 / Qwen3-VL's real tokenizers (where `<tool_call>`
 etc. are single added tokens) and axpo's tiny character tokenizer.
+
+A tool's text is untrusted (it may print what the model asked it to, and error messages quote the
+model's call): `encode_untrusted` makes it valid UTF-8 (lone surrogates, which a model can write
+as a JSON escape, become U+FFFD) and encodes every special-token string in it as ordinary text,
+so a tool can neither close the turn with `<|im_end|>` nor forge `<|image_pad|>` placeholders:
+the string is encoded in two pieces (its first character, then the rest), which no added token
+matches. Decoding gives back the text the tool printed.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Sequence
 
-__all__ = ["ChatFormat"]
+__all__ = ["ChatFormat", "valid_text"]
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD: encodable as UTF-8, whatever a model wrote."""
+    return _SURROGATES.sub("\ufffd", text)
 
 _TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -51,6 +66,9 @@ class ChatFormat:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else endoftext
+        specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+        # longest first, so that a special containing another is matched whole
+        self._specials = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t))
 
     def _tag(self, text: str) -> tuple[int, ...]:
         ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
@@ -66,6 +84,16 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode_untrusted(self, text: str) -> list[int]:
+        """Tool output as plain text tokens: valid UTF-8, no special token (module docstring)."""
+        text = valid_text(text)
+        ids, pos = [], 0
+        for m in self._specials.finditer(text):
+            ids += self.encode(text[pos:m.start()])
+            ids += self.encode(m.group()[0]) + self.encode_untrusted(m.group()[1:])
+            pos = m.end()
+        return ids + self.encode(text[pos:])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -93,8 +121,9 @@ class ChatFormat:
 
     def tool_response(self, text: str, images: Sequence = ()) -> list[int]:
         """Closes the model's turn and wraps a tool's result as Qwen3 does (a user turn holding
-        <tool_response>), then opens the next assistant turn. Never trained on."""
+        <tool_response>), then opens the next assistant turn. Never trained on. `text` is
+        untrusted (encode_untrusted)."""
         ids = self.encode("<|im_end|>\n<|im_start|>user\n<tool_response>\n")
         for image in images:
             ids += self.image_tokens(image)
-        return ids + self.encode(f"{text}\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        return ids + self.encode_untrusted(text) + self.encode("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")

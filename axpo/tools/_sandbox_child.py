@@ -585,6 +585,7 @@ def main():
     import json
     import os
     import signal
+    from errno import ENOMEM
 
     cfg = json.loads(sys.argv[1])
     report = _make_reporter(cfg["verdict_fd"])
@@ -652,17 +653,23 @@ def main():
             report("exception", f"SystemExit: {e.code}")
             status = EXIT_EXCEPTION
     except BaseException as e:
-        summary = type(e).__name__
-        try:  # the code may have broken traceback or sys.stderr: then only the summary is reported
-            tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # skip this frame
-            lines = traceback.format_exception(type(e), e, tb, limit=-10)
-            summary = _scrub(lines[-1].strip(), scrub)
-            sys.stderr.write(_scrub("".join(lines), scrub))
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        report("exception", summary[:500])
-        status = EXIT_EXCEPTION
+        if isinstance(e, OSError) and e.errno == ENOMEM:  # e.g. mmap past RLIMIT_AS: not a MemoryError
+            reserve = None
+            main_module.__dict__.clear()
+            report("memory", f"memory limit of {cfg['memory_bytes'] >> 20} MB exceeded (ENOMEM)")
+            status = EXIT_MEMORY
+        else:
+            summary = type(e).__name__
+            try:  # the code may have broken traceback or sys.stderr: then only the summary is reported
+                tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # skip this frame
+                lines = traceback.format_exception(type(e), e, tb, limit=-10)
+                summary = _scrub(lines[-1].strip(), scrub)
+                sys.stderr.write(_scrub("".join(lines), scrub))
+                sys.stderr.flush()
+            except BaseException:
+                pass
+            report("exception", summary[:500])
+            status = EXIT_EXCEPTION
     del reserve
     for stream in (sys.stdout, sys.stderr):
         try:

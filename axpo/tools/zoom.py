@@ -95,7 +95,7 @@ class ZoomTool:
         width, height = image.size
         if len(bbox_2d) != 4:  # the schema says so; checked again for direct calls
             return ToolResult.failure("bad_arguments", f"bbox_2d must have 4 numbers, got {len(bbox_2d)}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox_2d):
+        if not all(_finite_number(v) for v in bbox_2d):
             return ToolResult.failure("bad_arguments", f"bbox_2d must hold 4 finite numbers, got {bbox_2d!r:.80}")
         x1, y1, x2, y2 = bbox_2d
         bounds = f"image {index} is {width}x{height}: x in [0, {width}], y in [0, {height}]"
@@ -123,6 +123,15 @@ class ZoomTool:
         return Tool(self.name, self, ZOOM_SCHEMA, description=(
             "Zoom in on a region of an image: crops the box bbox_2d = [x1, y1, x2, y2] (pixel "
             "coordinates) of the chosen image and returns it enlarged as a new image."))
+
+
+def _finite_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float (a model can write 400 digits)
+        return False
 
 
 def _fmt_box(box) -> str:

@@ -161,7 +161,8 @@ def test_cpu_limit(code):
 
 
 @pytest.mark.parametrize("code", ["x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(' ' * 10**6)",
-                                  "import threading\nx = [bytearray(10**7) for _ in range(100)]"])
+                                  "import threading\nx = [bytearray(10**7) for _ in range(100)]",
+                                  "import mmap\nmmap.mmap(-1, 10**10)"])  # ENOMEM, not MemoryError
 def test_memory_limit(code):
     result = SANDBOX.run(code)
     assert result.error == "memory_limit" and "128 MB" in result.text, result.text
