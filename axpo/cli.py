@@ -71,6 +71,21 @@ def cmd_bench(args, rest: list[str]) -> int:
     return mod.main(rest)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+# errors about the user's inputs (config, data, model, resume point, files): one line, no traceback
+_INPUT_ERRORS = (ValueError, OSError, RuntimeError)
+
+
 def _config(parser, args, rest):
     from axpo.train.config import load_config
 
@@ -113,8 +128,6 @@ def cmd_compare(parser, args, rest) -> int:
     from axpo.train.compare import compare
 
     cfg = _config(parser, args, rest)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     result = compare(cfg, args.seeds, tuple(args.methods), output_dir=args.out, jobs=args.jobs)
     if "table" in result:
         print(result["table"])
@@ -140,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config")
     ev.add_argument("--policy", help="saved policy directory (default: <log.output_dir>/final)")
     ev.add_argument("--split", help="task split (default: task.eval_split)")
-    ev.add_argument("--questions", type=int, help="questions (default: eval.questions)")
-    ev.add_argument("--samples", type=int, help="samples per question, the largest k (default: eval.samples)")
+    ev.add_argument("--questions", type=_positive_int, help="questions (default: eval.questions)")
+    ev.add_argument("--samples", type=_positive_int, help="samples per question, the largest k (default: eval.samples)")
     from axpo.algo.methods import get_method, method_names
 
     methods = "; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
@@ -152,15 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--methods", nargs="+", default=["grpo", "axpo"], choices=method_names(),
                      help="registered methods (axpo.algo.method_names())")
     cmp.add_argument("--out", help="output directory (default: compare/ beside log.output_dir)")
-    cmp.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process with "
+    cmp.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, each its own process with "
                                                         "OMP_NUM_THREADS = cores / jobs (default 1: in this process)")
+    for p in (train, ev, cmp):
+        p.add_argument("--debug", action="store_true", help="a full traceback on errors (also AXPO_DEBUG=1)")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        return cmd_train(train, args, rest)
-    if args.command == "eval":
-        return cmd_eval(ev, args, rest)
-    if args.command == "compare":
-        return cmd_compare(cmp, args, rest)
+    if args.command in ("train", "eval", "compare"):
+        command, sub_parser = {"train": (cmd_train, train), "eval": (cmd_eval, ev), "compare": (cmd_compare, cmp)}[
+            args.command]
+        try:
+            return command(sub_parser, args, rest)
+        except _INPUT_ERRORS as e:
+            if args.debug or os.environ.get("AXPO_DEBUG", "") not in ("", "0"):
+                raise
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"axpo {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
+            return 1
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

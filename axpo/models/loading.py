@@ -14,7 +14,7 @@ import torch
 
 from .vision import ImagePreprocessor
 
-__all__ = ["Policy", "load_chat_parts", "load_policy", "save_policy"]
+__all__ = ["Policy", "load_chat_parts", "load_model_config", "load_policy", "save_policy"]
 
 
 @dataclass
@@ -47,14 +47,35 @@ def policy_from_model(model, tokenizer, image_processor: ImagePreprocessor | Non
     return Policy(model, tokenizer, image_processor)
 
 
+def load_model_config(name_or_path: str):
+    """The transformers config of a local model directory or a hub name, read without the weights
+    (a check that costs a second before a run starts). A ValueError naming it, and what is wrong,
+    when it cannot be read: a directory without config.json, a file, a hub name while offline."""
+    from transformers import AutoConfig
+
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path):
+        raise TypeError(f"name_or_path must be a path or a hub name, got {name_or_path!r}")
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"model directory {name_or_path} has no config.json: not a saved model")
+    elif os.path.exists(name_or_path):
+        raise ValueError(f"model {name_or_path} is a file: give the model's directory")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the directory" if os.path.isdir(name_or_path) else (
+            "a local directory or a hub name (no such directory here; offline, a hub name cannot be fetched)")
+        raise ValueError(f"cannot read the model config of {name_or_path!r}, {where}: {first}") from e
+
+
 def load_policy(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Policy:
     """Loads a Qwen3-VL or Qwen3 policy (eval mode) from a local directory or a hub name."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"name_or_path must be a path or a hub name, got {type(name_or_path).__name__}")
+    config = load_model_config(name_or_path)
     name_or_path = os.fspath(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path)
     vcfg = _vision_config(config)
     model_cls = AutoModelForImageTextToText if vcfg is not None else AutoModelForCausalLM
     model = model_cls.from_pretrained(name_or_path, dtype=dtype).to(device).eval()

@@ -126,7 +126,14 @@ def _read_json_rows(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
-                rows = [json.loads(line) for line in f if line.strip()]
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:  # the file's line, not the row's own "line 1"
+                        raise ValueError(f"line {lineno} is not a JSON object ({getattr(e, 'msg', e)})") from e
             else:
                 data = json.load(f)
                 if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):

@@ -8,14 +8,14 @@ import hashlib
 import torch
 
 from ..algo import AxpoConfig
-from ..models import Policy, build_tiny_policy, load_policy, policy_from_model
+from ..models import Policy, build_tiny_policy, load_model_config, load_policy, policy_from_model
 from ..rollout import ChatFormat, SamplingSettings, TransformersEngine, VllmEngine
 from ..tasks import make_task
 from ..tools import default_registry
 from .config import Config
 
 __all__ = ["derive_seed", "build_task", "build_policy", "build_engine", "sampling_settings", "axpo_config",
-           "pad_id", "quiet"]
+           "check_inputs", "pad_id", "quiet"]
 
 
 def derive_seed(*parts) -> int:
@@ -28,6 +28,33 @@ def build_task(cfg: Config):
         return make_task("zoom_digits", regime=cfg.task.regime, seed=cfg.task.seed)
     return make_task("local", path=cfg.task.path, question_key=cfg.task.question_key, image_key=cfg.task.image_key,
                      answer_key=cfg.task.answer_key)
+
+
+def check_inputs(cfg: Config, task, *, splits: dict[str, str] | None = None) -> None:
+    """What a run reads, checked in seconds before it writes anything: the splits it uses exist
+    and give an example (columns, image files), and the model directory or hub name has a
+    readable config. A ValueError naming the key and what was expected otherwise.
+
+    splits: {where the split was given: split} to check (default: config task.train_split, and
+    config task.eval_split when the run evaluates)."""
+    if splits is None:
+        splits = {"config task.train_split": cfg.task.train_split}
+        if cfg.eval.questions > 0:
+            splits["config task.eval_split"] = cfg.task.eval_split
+    for key, split in splits.items():
+        if split not in task.splits:
+            raise ValueError(f"{key} must be one of the task's splits {list(task.splits)}, got {split!r}")
+        if task.size(split) == 0:
+            raise ValueError(f"{key}: split {split!r} of the task is empty")
+        try:
+            task.prompts(split, 0, 1, wrap=True)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{key}: the first example of split {split!r} cannot be read: {e}") from None
+    if cfg.model.name_or_path is not None:
+        try:
+            load_model_config(cfg.model.name_or_path)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config model.name_or_path: {e}") from None
 
 
 def build_policy(cfg: Config, task, path: str | None = None) -> Policy:

@@ -49,8 +49,13 @@ def _latest_tag(ckpt_dir: str) -> str | None:
     path = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return f.read().strip() or None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a checkpoint tag (not UTF-8 text): remove it, or set log.resume=false "
+                         "to start over") from None
 
 
 def _prune_checkpoints(ckpt_dir: str, stage: str, keep: int) -> None:
@@ -90,13 +95,18 @@ class RunState:
 
 
 def resume_point(run: RunState) -> dict | None:
-    """{"tag", "stage", "step"} of output_dir's latest checkpoint, or None (none, or log.resume off)."""
+    """{"tag", "stage", "step"} of output_dir's latest checkpoint, or None (none, or log.resume off).
+    A `latest` that names no loadable checkpoint is a ValueError: never a silent fresh start."""
     if not run.cfg.log.resume:
         return None
     tag = _latest_tag(run.ckpt_dir)
     if tag is None:
         return None
     stage, _, step = tag.partition("-")
+    latest = os.path.join(run.ckpt_dir, "latest")
     if stage not in ("sft", "rl") or not step.isdigit():
-        raise ValueError(f"{run.ckpt_dir}/latest names an unknown checkpoint tag {tag!r}")
+        raise ValueError(f"{latest} names an unknown checkpoint tag {tag!r} (expected sft-NNNNNN or rl-NNNNNN)")
+    if not os.path.isdir(os.path.join(run.ckpt_dir, tag)):
+        raise ValueError(f"{latest} names checkpoint {tag!r}, which is not in {run.ckpt_dir}: restore it, "
+                         "or set log.resume=false to start over")
     return {"tag": tag, "stage": stage, "step": int(step)}

@@ -215,8 +215,10 @@ class Config:
         need(0 < self.rollout.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
              "a number in (0, 1]")
         need(self.rl.clip_low < 1, "rl.clip_low", "a number in [0, 1)")
-        need(len(self.trainer.adam_betas) == 2 and all(0 <= b < 1 for b in self.trainer.adam_betas),
-             "trainer.adam_betas", "two numbers in [0, 1)")
+        need(len(self.trainer.adam_betas) == 2 and all(
+            not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in self.trainer.adam_betas),
+            "trainer.adam_betas", "two numbers in [0, 1)")
+        need(bool(self.log.output_dir.strip()), "log.output_dir", "a non-empty path")
         need(self.model.max_pixels is None or self.model.max_pixels >= 1, "model.max_pixels", "null or an int >= 1")
         for key in ("rollout.vllm.max_model_len", "rollout.vllm.block_size", "model.tiny_head_dim"):
             need(_get(self, key) is None or _get(self, key) >= 1, key, "null or an int >= 1")
@@ -314,13 +316,46 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the second would silently win)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(e).split())
+        raise ValueError(f"{where} is not valid YAML: {problem}") from None
+
+
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then `key=value` overrides (dotted keys,
     values parsed as YAML: `rl.steps=10`, `rl.algorithm=grpo`, `model.name_or_path=null`)."""
     data: dict = {}
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ValueError(f"config file {path}: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+        loaded = _yaml(text, f"config file {path}")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -333,5 +368,5 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         key = key.strip()
         if not key:
             raise ValueError(f"config override {item!r} has an empty key")
-        _set_dotted(data, key, yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(data, key, _yaml(raw, f"config override {key}={raw!r}: the value") if raw.strip() else "")
     return _build(Config, data).validate()

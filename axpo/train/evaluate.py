@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from axpo.algo import _checks
 from axpo.algo.records import Stream
 
-from .build import build_engine, build_policy, build_task, derive_seed, quiet, sampling_settings
+from .build import build_engine, build_policy, build_task, check_inputs, derive_seed, quiet, sampling_settings
 from .checkpoint import FINAL_POLICY
 from .config import Config
 from .distributed import DistInfo, all_gather_objects, setup
@@ -143,17 +143,23 @@ def evaluate_engine(engine, task, cfg: Config, dist: DistInfo, *, split: str, qu
 def evaluate(cfg: Config, policy_path: str | None, *, split: str | None = None, questions: int | None = None,
              samples: int | None = None) -> dict:
     """Pass@1 / Pass@k of a saved policy (default: output_dir/final) on a task split."""
+    questions = cfg.eval.questions if questions is None else questions
+    samples = cfg.eval.samples if samples is None else samples
+    for name, value in (("questions", questions), ("samples", samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    split = cfg.task.eval_split if split is None else split
     dist = setup(cfg.trainer.device)
     quiet()
     task = build_task(cfg)
     path = policy_path or os.path.join(cfg.log.output_dir, FINAL_POLICY)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no saved policy at {path}: train first, or pass the policy directory")
+    check_inputs(cfg, task, splits={"the evaluated split (--split, or config task.eval_split)": split})
     policy = build_policy(cfg, task, path)
     engine = build_engine(cfg, policy, dist.device, path)
     try:
-        summary, _ = evaluate_engine(engine, task, cfg, dist, split=split or cfg.task.eval_split,
-                                     questions=questions or cfg.eval.questions, samples=samples or cfg.eval.samples,
+        summary, _ = evaluate_engine(engine, task, cfg, dist, split=split, questions=questions, samples=samples,
                                      seed=derive_seed(cfg.seed, "eval"))
     finally:
         engine.shutdown()

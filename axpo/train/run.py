@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from .build import build_policy, quiet
+from .build import build_policy, check_inputs, quiet
 from .checkpoint import RunState, resume_point
 from .config import Config, config_to_dict
 from .distributed import barrier, setup
@@ -42,6 +42,8 @@ def train(cfg: Config) -> dict:
     np.random.seed(cfg.seed % 2 ** 32)
     torch.manual_seed(cfg.seed)
     run = RunState(cfg, dist)
+    # everything the run reads is checked before it writes into log.output_dir
+    check_inputs(cfg, run.task)
     resume = resume_point(run)
     if dist.is_main:
         os.makedirs(run.out, exist_ok=True)

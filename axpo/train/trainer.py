@@ -283,9 +283,14 @@ class PolicyTrainer:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
 
     def load(self, directory: str, tag: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        try:
+            path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        except Exception as e:  # DeepSpeed asserts on missing or partial files
+            raise ValueError(f"cannot load checkpoint {tag!r} from {directory} ({type(e).__name__}: {e}): restore "
+                             "it, or set log.resume=false to start over") from e
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+            raise ValueError(f"no DeepSpeed checkpoint {tag!r} under {directory}: restore it, or set log.resume=false "
+                             "to start over")
         return client_state or {}
 
 

@@ -163,6 +163,9 @@ def test_errors(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Q?", "image": ["0.png", "bad.png"], "answer": "7"}))
     with pytest.raises(ValueError, match=r"row 0 of split 'train', column 'image'\[1\].*unreadable"):
         LocalDatasetTask(tmp_path).prompts("train", 0, 1)
+    (tmp_path / "train.jsonl").write_text('{"question": "a", "answer": "1"}\n\n{"question": "b", "answer": "2"}\n{bad\n')
+    with pytest.raises(ValueError, match=r"train.jsonl: line 4 is not a JSON object"):  # the file's own line
+        LocalDatasetTask(tmp_path / "train.jsonl")
     (tmp_path / "train.jsonl").write_text("{not json")
     with pytest.raises(ValueError, match="train.jsonl"):
         LocalDatasetTask(tmp_path)

@@ -1,5 +1,6 @@
 """The YAML configs: documented defaults, overrides, and errors that name the key."""
 import os
+import re
 
 import pytest
 
@@ -62,10 +63,28 @@ def test_the_loss_aggregation_is_the_methods_unless_set():
     (["rollout.max_new_tokens=600"], "config rollout.max_new_tokens"),
     (["rl.lr=nan"], "config rl.lr must be a finite number"),
     (["steps"], "key=value"),
+    (["trainer.adam_betas=[a, b]"], "config trainer.adam_betas must be two numbers in [0, 1), got ['a', 'b']"),
+    (["trainer.adam_betas=[0.9"], "config override trainer.adam_betas='[0.9': the value is not valid YAML"),
+    (["rl.steps=\x01"], "config override rl.steps='\\x01': the value is not valid YAML"),
+    (["log.output_dir="], "config log.output_dir must be a non-empty path"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"rl:\n  steps: 3\n  steps: 4\n", "is not valid YAML: key 'steps' is given twice"),
+    (b"rl: [\n", "is not valid YAML"),
+    (b"rl:\n  algorithm: \xff\n", "is not UTF-8 text (byte 17 is 0xff)"),
+])
+def test_bad_config_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"config file {path} {message}")):
+        load_config(str(path))
+    with pytest.raises(ValueError, match=f"config file {tmp_path / 'none.yaml'}: No such file"):
+        load_config(str(tmp_path / "none.yaml"))
 
 
 def test_a_non_mapping_file_is_an_error(tmp_path):

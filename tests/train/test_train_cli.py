@@ -155,6 +155,48 @@ def test_bad_config_is_an_error_naming_the_key(arg, message):
     assert message in proc.stderr
 
 
+def _old_run(tmp_path, latest: bytes | None = None) -> str:
+    """An output directory holding an earlier run's files (and a checkpoints/latest when given)."""
+    out = tmp_path / "old"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "global_step": 1, "time": 0}\n')
+    (out / "config.yaml").write_text("seed: 7\n")
+    if latest is not None:
+        (out / "checkpoints" / "latest").write_bytes(latest)
+    return str(out)
+
+
+@pytest.mark.parametrize("case", ["empty_model_dir", "offline_hub_name", "missing_tag", "non_utf8_latest",
+                                  "bad_eval_split"])
+def test_bad_inputs_fail_in_one_line_before_writing(tmp_path, case):
+    """Each fails before the first step with one line naming what is wrong (no traceback) and
+    leaves the earlier run in log.output_dir as it was: no silent fresh start."""
+    out = _old_run(tmp_path, {"missing_tag": b"rl-000005\n", "non_utf8_latest": b"\xff\xfe"}.get(case))
+    (tmp_path / "empty").mkdir()
+    arg, message = {
+        "empty_model_dir": (f"model.name_or_path={tmp_path / 'empty'}", f"model directory {tmp_path / 'empty'} has no config.json"),
+        "offline_hub_name": ("model.name_or_path=Qwen/Qwen3-VL-2B-Instruct", "'Qwen/Qwen3-VL-2B-Instruct'"),
+        "missing_tag": ("sft.steps=1", "names checkpoint 'rl-000005', which is not in"),
+        "non_utf8_latest": ("sft.steps=10", "is not a checkpoint tag (not UTF-8 text)"),
+        "bad_eval_split": ("task.eval_split=nope", "config task.eval_split must be one of the task's splits"),
+    }[case]
+    before = {p: open(os.path.join(out, p), "rb").read() for p in ("metrics.jsonl", "config.yaml")}
+    proc = subprocess.run([sys.executable, "-m", "axpo.cli", "train", *TINY, f"log.output_dir={out}", arg],
+                          capture_output=True, text=True, env=dict(_env(), HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("axpo train: error: ")
+    assert {p: open(os.path.join(out, p), "rb").read() for p in before} == before
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("args, message", [(["--samples", "0"], "argument --samples: must be an int >= 1, got 0"),
+                                           (["--questions", "-3"], "argument --questions: must be an int >= 1, got -3")])
+def test_eval_options_are_checked(args, message):
+    proc = _axpo("eval", *args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_train_on_a_local_dataset(tmp_path):
     """task.name=local: a JSONL file with relative image paths, direct-answer SFT, one RL step."""
     from PIL import Image
