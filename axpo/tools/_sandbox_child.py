@@ -25,10 +25,16 @@ CODE_FILENAME = "<code>"
 # raising audit events. posix, time, _signal and _posixsubprocess are loaded before the code runs
 # (the last so that `import subprocess`, and asyncio with it, work): an import event for them means
 # a re-import that would bring back the functions removed below.
+# sqlite3 opens files (ATTACH DATABASE) and counts none of them, in C; spwd / pwd / grp read the
+# host's account files (/etc/shadow among them) in C. A module is recognised by the file loaded
+# (an extension's file name), not only by the name it is imported under.
 BLOCKED_MODULES = frozenset({
     "ctypes", "_ctypes", "_posixsubprocess", "_posixshmem", "_multiprocessing", "readline",
-    "_dbm", "_gdbm", "_tkinter", "posix", "time", "_signal",
+    "_dbm", "_gdbm", "_tkinter", "posix", "time", "_signal", "_sqlite3", "spwd", "pwd", "grp",
 })
+# loaded before the code runs and kept (defused by REMOVED_FUNCTIONS); the other blocked ones are
+# unloaded if anything loaded them, so that importing them raises the import event
+KEPT_MODULES = frozenset({"posix", "time", "_signal", "_posixsubprocess"})
 BLOCKED_PREFIXES = ("_test", "_xx", "_ctypes", "ctypes.")
 
 # Functions without audit events that act on other processes or make special files: replaced by
@@ -42,7 +48,16 @@ REMOVED_FUNCTIONS = {
     "_signal": ("pidfd_send_signal",),
     "signal": ("pidfd_send_signal",),
     "_posixsubprocess": ("fork_exec",),  # subprocess.Popen raises an audit event; this does not
+    # re-creates a builtin module from its first initialisation: the original posix functions
+    # (every builtin the stdlib needs is imported before the code runs)
+    "_imp": ("create_builtin",),
 }
+# fcntl commands and ioctl requests that make the kernel signal another process (SIGIO / a chosen
+# signal to the owner of a file), and the ioctls that change inode flags with a read-only fd
+F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15
+SIGNAL_FCNTLS = (F_SETOWN, F_SETSIG, F_SETOWN_EX)
+SIGNAL_IOCTLS = (0x8901, 0x8902, 0x5410)  # FIOSETOWN, SIOCSPGRP, TIOCSPGRP
+FS_FLAG_IOCTLS = (0x40086602, 0x40046602, 0x401C5820)  # FS_IOC_SETFLAGS, its 32-bit twin, FS_IOC_FSSETXATTR
 
 # Audit events refused outright, with what they mean for the message.
 REFUSED_EVENTS = {
@@ -127,13 +142,17 @@ _SYSCALLS = {  # the syscalls seccomp refuses (or checks), per architecture
         setdomainname=171, kcmp=312, migrate_pages=256, move_pages=279, syslog=103, process_madvise=440,
         process_mrelease=448, fanotify_init=300, connect=42, bind=49, sendmsg=46, sendmmsg=307,
         tkill=200, iopl=172, ioperm=173, vhangup=153, uselib=134, lookup_dcookie=212,
+        # System V IPC: segments outlive the process (and there may be no IPC namespace)
+        shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66, semtimedop=220,
+        msgget=68, msgsnd=69, msgrcv=70, msgctl=71,
         # file metadata, which Landlock does not cover
         chmod=90, fchmod=91, fchmodat=268, fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260,
         utime=132, utimes=235, utimensat=280, futimesat=261, setxattr=188, lsetxattr=189,
         fsetxattr=190, removexattr=197, lremovexattr=198, fremovexattr=199, setxattrat=463,
         removexattrat=466, file_setattr=469,
         # checked, not refused outright
-        clone=56, clone3=435, kill=62, tgkill=234, prlimit64=302, socket=41, sendto=44, ioctl=16),
+        clone=56, clone3=435, kill=62, tgkill=234, prlimit64=302, socket=41, sendto=44, ioctl=16,
+        fcntl=72, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297),
     "aarch64": dict(
         execve=221, execveat=281, ptrace=117, process_vm_readv=270, process_vm_writev=271,
         pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, setrlimit=164, io_uring_setup=425,
@@ -148,23 +167,27 @@ _SYSCALLS = {  # the syscalls seccomp refuses (or checks), per architecture
         migrate_pages=238, move_pages=239, syslog=116, process_madvise=440, process_mrelease=448,
         fanotify_init=262, connect=203, bind=200, sendmsg=211, sendmmsg=269, tkill=130, vhangup=58,
         lookup_dcookie=18,
+        msgget=186, msgctl=187, msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193,
+        shmget=194, shmctl=195, shmat=196, shmdt=197,
         fchmod=52, fchmodat=53, fchmodat2=452, fchown=55, fchownat=54, utimensat=88, setxattr=5,
         lsetxattr=6, fsetxattr=7, removexattr=14, lremovexattr=15, fremovexattr=16, setxattrat=463,
         removexattrat=466, file_setattr=469,
-        clone=220, clone3=435, kill=129, tgkill=131, prlimit64=261, socket=198, sendto=206, ioctl=29),
+        clone=220, clone3=435, kill=129, tgkill=131, prlimit64=261, socket=198, sendto=206, ioctl=29,
+        fcntl=25, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240),
 }
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-_CHECKED = ("clone", "clone3", "kill", "tgkill", "prlimit64", "socket", "sendto", "ioctl")
-# ioctls that change inode flags (chattr +i...) need only a read-only fd: refused
-_FS_FLAG_IOCTLS = (0x40086602, 0x40046602, 0x401C5820)  # FS_IOC_SETFLAGS, its 32-bit twin, FS_IOC_FSSETXATTR
+_CHECKED = ("clone", "clone3", "kill", "tgkill", "prlimit64", "socket", "sendto", "ioctl", "fcntl",
+            "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 
 
 def _seccomp_program(arch, pid):
     """A classic-BPF seccomp filter: EPERM for the syscalls above; clone only for threads; clone3
-    answers ENOSYS (glibc then falls back to clone); kill/tgkill only to this process; prlimit64
-    only to read; socket only AF_UNIX (asyncio's socketpair); sendto only without an address;
-    ioctl but the ones that set inode flags. File metadata syscalls (chmod, chown, utime, xattr)
-    are refused: Landlock does not cover them, and a read-only fd is enough for some."""
+    answers ENOSYS (glibc then falls back to clone); kill/tgkill/rt_sigqueueinfo/rt_tgsigqueueinfo
+    only to this process; prlimit64 only to read; socket only AF_UNIX (asyncio's socketpair);
+    sendto only without an address; ioctl but the ones that set inode flags or a file's signal
+    owner; fcntl but F_SETOWN / F_SETOWN_EX / F_SETSIG (the kernel would signal that owner, any
+    process, on I/O). File metadata syscalls (chmod, chown, utime, xattr) are refused: Landlock
+    does not cover them, and a read-only fd is enough for some."""
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
     table = _SYSCALLS[arch]
@@ -183,16 +206,22 @@ def _seccomp_program(arch, pid):
             prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
     null_arg = lambda i: [(LD, 0, 0, lo(i)), (JEQ, 0, 2, 0), (LD, 0, 0, hi(i)), (JEQ, 1, 0, 0),
                           (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
+
+    def refuse_values(i, values):  # EPERM when the low 32 bits of argument i are one of values
+        n = len(values)
+        return [(LD, 0, 0, lo(i))] + [(JEQ, n - j, 0, v) for j, v in enumerate(values)] + [
+            (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    to_self = [(LD, 0, 0, lo(0)), (JEQ, 1, 0, pid), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
     bodies = {
         "clone": [(LD, 0, 0, lo(0)), (JSET, 0, 1, 0x00010000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)],
         "clone3": [(RET, 0, 0, ENOSYS)],
         "kill": [(LD, 0, 0, lo(0)), (JEQ, 2, 0, pid), (JEQ, 1, 0, 0), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)],
-        "tgkill": [(LD, 0, 0, lo(0)), (JEQ, 1, 0, pid), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)],
+        "tgkill": to_self, "rt_sigqueueinfo": to_self, "rt_tgsigqueueinfo": to_self,
         "prlimit64": null_arg(2),
         "socket": [(LD, 0, 0, lo(0)), (JEQ, 1, 0, 1), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)],
         "sendto": null_arg(4),
-        "ioctl": [(LD, 0, 0, lo(1)), (JEQ, 3, 0, _FS_FLAG_IOCTLS[0]), (JEQ, 2, 0, _FS_FLAG_IOCTLS[1]),
-                  (JEQ, 1, 0, _FS_FLAG_IOCTLS[2]), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)],
+        "ioctl": refuse_values(1, FS_FLAG_IOCTLS + SIGNAL_IOCTLS),
+        "fcntl": refuse_values(1, SIGNAL_FCNTLS),
     }
     for name in _CHECKED:
         body = bodies[name]
@@ -260,7 +289,14 @@ def _apply_landlock_and_seccomp(cfg, read_roots, applied):
                 applied.append(f"landlock-failed:{ctypes.get_errno()}")
             else:
                 rules = [(cfg["work"], tree_rights)]
-                rules += [(root, READ_FILE | READ_DIR) for root in read_roots if root != cfg["work"]]
+                hidden = set(p.rstrip("/") for p in _packages_dirs(read_roots))
+                for root in read_roots:
+                    if root == cfg["work"]:
+                        continue
+                    children = [os.path.join(root, c) for c in os.listdir(root)] if any(
+                        os.path.dirname(h) == root for h in hidden) else [root]
+                    # a root holding site-packages: everything in it but that (Landlock only allows)
+                    rules += [(c, READ_FILE | READ_DIR) for c in children if os.path.realpath(c) not in hidden]
                 # shared libraries that stdlib extensions load (zlib, libcrypto...): read-only files
                 rules += [(path, READ_FILE) for path in _library_paths()]
                 ok = True
@@ -305,15 +341,24 @@ def _apply_landlock_and_seccomp(cfg, read_roots, applied):
 
 
 def _library_paths():
-    """Directories of shared libraries, and the loader cache: what dlopen of an extension needs."""
+    """What dlopen of a standard-library extension needs to read: the system's library trees, the
+    loader cache, and the shared-library files (not the trees) beside the libraries already mapped
+    (e.g. a pyenv prefix's lib/ with libpython, whose tree also holds site-packages)."""
     import os
-    paths = {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache"}
+    system = {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"}
+    paths = set(system) | {"/etc/ld.so.cache"}
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.rsplit(None, 1)[-1] if "/" in line else ""
-                if path.startswith("/") and ".so" in path:
-                    paths.add(os.path.dirname(os.path.realpath(path)))
+                if not (path.startswith("/") and ".so" in path):
+                    continue
+                folder = os.path.dirname(os.path.realpath(path))
+                if any(folder == d or folder.startswith(d + "/") for d in system):
+                    continue
+                for name in os.listdir(folder):
+                    if ".so" in name and os.path.isfile(os.path.join(folder, name)):
+                        paths.add(os.path.join(folder, name))
     except OSError:
         pass
     return sorted(p for p in paths if os.path.exists(p))
@@ -353,7 +398,11 @@ def _make_audit_hook(work, read_roots, report, max_files):
     work_prefix = work + "/"
     read_roots = tuple(read_roots)
     read_prefixes = tuple(root + "/" for root in read_roots)
-    stdlib_prefixes = tuple(p for p in read_prefixes if p != work_prefix)
+    # third-party packages installed inside the standard library's tree are not the standard library
+    hidden_prefixes = tuple(_packages_dirs(read_roots))
+    # extension modules: only the standard library's own directory of them (lib-dynload)
+    native_prefixes = tuple(p for p in read_prefixes if p.rstrip("/").endswith("/lib-dynload"))
+    signal_fcntls, signal_ioctls = SIGNAL_FCNTLS, SIGNAL_IOCTLS + FS_FLAG_IOCTLS
     created = set()
     last_pyc = [None]
     getframe = sys._getframe
@@ -439,7 +488,8 @@ def _make_audit_hook(work, read_roots, report, max_files):
         if text is None:
             return None
         resolved = resolve(text)
-        if not (resolved in read_roots or resolved.startswith(read_prefixes)):
+        if not (resolved in read_roots or resolved.startswith(read_prefixes)) or \
+                (resolved + "/").startswith(hidden_prefixes):
             violate(f"{what} {shown(text)} (outside the sandbox directory and the Python standard "
                     "library) is not allowed")
         return resolved
@@ -494,8 +544,12 @@ def _make_audit_hook(work, read_roots, report, max_files):
             if args[1] is not None:  # an extension module is being loaded from args[1]
                 text = as_text(args[1])
                 resolved = resolve(text) if text is not None else ""
-                if not resolved.startswith(stdlib_prefixes):
+                if not resolved.startswith(native_prefixes) or (resolved + "/").startswith(hidden_prefixes):
                     violate(f"loading native code from {shown(text or '?')} is not allowed")
+                # the file decides which module it is, whatever name it is loaded under
+                loaded = resolved.rpartition("/")[2].partition(".")[0]
+                if loaded in blocked_modules or loaded.startswith(blocked_prefixes):
+                    violate(f"importing {loaded} (as {shown(name)}) is not allowed")
             return
         if event == "code.__new__":  # crafted bytecode can corrupt memory and so bypass this hook
             if getframe(1).f_code is coroutine_code:
@@ -537,6 +591,14 @@ def _make_audit_hook(work, read_roots, report, max_files):
             violate(f"{what} ({event}) is not allowed")
         if event == "socket.__new__" and args[1] == 1:  # AF_UNIX: asyncio's socketpair; no connect/bind
             return
+        if event == "fcntl.fcntl":
+            if args[1] in signal_fcntls:
+                violate(f"sending signals to processes (fcntl command {args[1]}: F_SETOWN / F_SETSIG) is not allowed")
+            return
+        if event == "fcntl.ioctl":
+            if type_(args[1]) is int_t and (args[1] & 0xFFFFFFFF) in signal_ioctls:
+                violate(f"ioctl request {args[1]:#x} (a file's signal owner, or its inode flags) is not allowed")
+            return
         if event == "resource.prlimit":
             if args[2] is not None:
                 violate("changing resource limits (resource.prlimit) is not allowed")
@@ -553,6 +615,33 @@ def _make_audit_hook(work, read_roots, report, max_files):
                 violate(f"{what} ({event}) is not allowed")
 
     return hook, violate
+
+
+def _packages_dirs(roots):
+    """The site-packages / dist-packages directories inside the standard library's trees (a
+    base interpreter's or a system Python's installed packages), each with a trailing slash."""
+    import os
+    out = []
+    for root in roots:
+        for name in ("site-packages", "dist-packages"):
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                out.append(os.path.realpath(path) + "/")
+    return out
+
+
+def _load_builtins():
+    """Import every builtin module the code may ask for (not the blocked ones) while nothing is
+    refused yet, so that _imp.create_builtin can be removed; unload blocked modules something
+    loaded, so that importing them raises the import event."""
+    for name in sys.builtin_module_names:
+        if name not in BLOCKED_MODULES and not name.startswith(BLOCKED_PREFIXES):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+    for name in BLOCKED_MODULES - KEPT_MODULES:
+        sys.modules.pop(name, None)
 
 
 def _remove_functions(violate):
@@ -618,6 +707,7 @@ def main():
         # tracebacks the code prints may show the hook's frames: never read this file for them
         linecache.cache[__file__] = (0, None, [], __file__)
         if cfg["audit_hook"]:
+            _load_builtins()
             hook, violate = _make_audit_hook(work, read_roots, report, cfg["max_files"])
             sys.addaudithook(hook)
             _remove_functions(violate)

@@ -16,21 +16,34 @@ Design: layers, each enough for some threats and together covering each other's 
 3. A wall clock: past timeout_s the whole process group is killed with SIGKILL -> "timeout".
    Output is read incrementally and only its first and last max_output_chars are kept, so a flood
    cannot fill the host's memory; the pipes are drained until the process ends.
-4. No network: the child runs under `unshare --user --map-root-user --net` (or `unshare --net`), a
-   new network namespace with no interfaces, when available (probed once per process).
+4. No network, no shared IPC: the child runs under `unshare --user --map-root-user --net --ipc`
+   (falling back to `unshare --net --ipc`, then without --ipc), a new network namespace with no
+   interfaces and, where allowed, its own System V IPC namespace, when available (probed once).
 5. Landlock (Linux >= 5.13, when enabled): reading is limited to the sandbox directory, the
-   standard library and the shared-library directories (read-only, for extension modules), writing
-   to the sandbox directory; no execve; TCP bind/connect refused (ABI >= 4); signals to and abstract
-   sockets of processes outside the sandbox refused (ABI >= 6).
+   standard library (without any site-packages / dist-packages inside its tree) and the
+   shared-library directories (read-only, for extension modules; outside the system's library
+   trees only the library files themselves), writing to the sandbox directory; no execve; TCP
+   bind/connect refused (ABI >= 4); signals to and abstract sockets of processes outside the
+   sandbox refused (ABI >= 6).
 6. seccomp (x86_64, aarch64): no fork/vfork/execve, clone only for threads, no sockets but AF_UNIX
-   socketpairs, no connect/bind/sendmsg, no ptrace/process_vm_*/pidfd_*, no kill but of itself, no
-   raising of rlimits, no file-metadata changes (chmod, chown, utime, xattr, inode-flag ioctls:
-   Landlock does not cover them), no mount/namespace/clock/module/keyring/io_uring/bpf syscalls.
+   socketpairs, no connect/bind/sendmsg, no ptrace/process_vm_*/pidfd_*, no kill, tgkill,
+   rt_sigqueueinfo or rt_tgsigqueueinfo but to itself, no fcntl F_SETOWN / F_SETOWN_EX / F_SETSIG
+   and no ioctl FIOSETOWN / SIOCSPGRP / TIOCSPGRP (the kernel would signal the file's owner, any
+   process: this is what holds where Landlock has no signal scoping), no System V IPC (shm, sem,
+   msg: segments outlive a process), no raising of rlimits, no file-metadata changes (chmod,
+   chown, utime, xattr, inode-flag ioctls: Landlock does not cover them), no
+   mount/namespace/clock/module/keyring/io_uring/bpf syscalls.
 7. An audit hook (sys.addaudithook) in the child: refuses file access outside the sandbox
-   directory (writes) or it plus the standard library (reads), file-metadata changes, links,
-   changing the working directory, sockets, process creation and signals, ctypes and other
-   native-code imports, sub-interpreters, tracing, code-object creation and unmarshalling anything
-   but standard-library .pyc files. A refusal raises SandboxViolation (a BaseException) in the code
+   directory (writes) or it plus the standard library (reads; site-packages inside the standard
+   library's tree excluded), file-metadata changes, links, changing the working directory,
+   sockets, process creation and signals (fcntl / ioctl file owners included), ctypes and other
+   native-code imports (an extension loads only from the standard library's lib-dynload, and is
+   recognised by its file, so a blocked module loaded under another name is still refused),
+   sqlite3 (its ATTACH and connect open files in C, unaudited) and the account-database modules
+   (spwd, pwd, grp), sub-interpreters, tracing, code-object creation and unmarshalling anything
+   but standard-library .pyc files. `_imp.create_builtin` is removed (it rebuilds a builtin from
+   its first initialisation, undefused): every builtin module is imported before the code runs.
+   A refusal raises SandboxViolation (a BaseException) in the code
    and is reported on a private pipe -> "sandbox_violation" (even if the code catches it), with a
    message saying what was refused. Layers 5-6 are the boundary; the hook is what turns a refusal
    into a clear verdict instead of an EPERM, and the only file guard where Landlock is missing.
@@ -53,6 +66,14 @@ Known limits (the threat model):
   mode) fails where shutil.copyfile works.
 - Socket connects to 127.0.0.1 are refused by the hook ("sandbox_violation"); were it bypassed, the
   empty network namespace makes them fail with ENETUNREACH and seccomp with EPERM.
+- Which layer setups hold what (tests/tools/test_python_sandbox.py runs each finding in each):
+  everything on; Landlock off (what a kernel without it, or without signal scoping before 6.12,
+  amounts to): the hook and seccomp refuse signals, native code, IPC and files; the hook alone
+  (no kernel layers): everything above with a clear verdict, but nothing holds once the hook is
+  bypassed; the kernel layers alone: files, processes, signals, sockets and IPC hold, with
+  EPERM / EACCES instead of verdicts; seccomp alone: processes, signals, sockets, IPC and file
+  metadata hold, file reads do not (no Landlock, no hook). On an architecture without a seccomp
+  table, or without Landlock, a warning says once which guard is left.
 """
 from __future__ import annotations
 
@@ -80,7 +101,9 @@ __all__ = ["PythonSandbox", "SandboxRun", "python_tool", "network_namespace_pref
 _log = logging.getLogger(__name__)
 _CHILD_PATH = os.path.abspath(child.__file__)
 _VERDICT_CAP = 64 * 1024  # bytes of verdict lines kept (the code can write to the pipe too)
-_NAMESPACE_CANDIDATES = (["--user", "--map-root-user", "--net"], ["--net"])
+# with an IPC namespace too where the kernel allows (System V segments then die with the run)
+_NAMESPACE_CANDIDATES = (["--user", "--map-root-user", "--net", "--ipc"], ["--net", "--ipc"],
+                         ["--user", "--map-root-user", "--net"], ["--net"])
 _namespace_cache: dict[str, list[str]] = {}
 _namespace_lock = threading.Lock()
 _warned: set[str] = set()
@@ -316,7 +339,7 @@ class PythonSandbox:
         wall_s = time.monotonic() - started
         verdicts = _parse_verdicts(bytes(verdict.head))
         text = output.text(self.max_output_chars)
-        layers = (["netns"] if prefix else []) + next((m.split() for k, m in verdicts if k == "start"), [])
+        layers = (["netns"] if prefix else []) + (["ipcns"] if "--ipc" in prefix else []) + next((m.split() for k, m in verdicts if k == "start"), [])
         run = SandboxRun(result=ToolResult(text=""), output=text, returncode=status, wall_s=wall_s,
                          cpu_s=cpu_s, timed_out=timed_out, layers=layers, verdicts=verdicts, work_dir=work)
         run.result = self._classify(run)
@@ -424,8 +447,13 @@ class PythonSandbox:
             _warn_once("landlock", "python sandbox: Landlock is unavailable; file access is guarded by the "
                        f"audit hook only ({' '.join(layers) or 'no kernel layers'})")
         if self.seccomp and "seccomp" not in layers:
-            _warn_once("seccomp", "python sandbox: seccomp is unavailable; process creation and sockets "
-                       f"are refused by the audit hook only ({' '.join(layers) or 'no kernel layers'})")
+            _warn_once("seccomp", "python sandbox: seccomp is unavailable; process creation, sockets, signals "
+                       "to other processes and System V IPC are refused by the audit hook only "
+                       f"({' '.join(layers) or 'no kernel layers'})")
+        abi = next((int(layer[12:]) for layer in layers if layer.startswith("landlock-abi")), 0)
+        if self.landlock and 1 <= abi < 6:
+            _warn_once("landlock-scope", f"python sandbox: Landlock ABI {abi} has no signal scoping (Linux < 6.12); "
+                       "signals to other processes are refused by seccomp and the audit hook")
 
 
 def _read_into(sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:

@@ -351,3 +351,159 @@ def test_concurrent_runs():
 def test_bad_options(options, error):
     with pytest.raises(error):
         PythonSandbox(**options)
+
+
+# --- hardening: each finding of the adversarial run, in every layer setup where it applies -----
+
+NO_LANDLOCK = PythonSandbox(timeout_s=3.0, cpu_s=3, memory_mb=128, landlock=False)  # a kernel without it
+SECCOMP_ONLY = PythonSandbox(timeout_s=3.0, cpu_s=3, memory_mb=128, landlock=False, audit_hook=False,
+                             network_namespace=False)
+WITH_HOOK = {"all": SANDBOX, "no-landlock": NO_LANDLOCK, "hook-only": HOOK_ONLY}
+WITHOUT_HOOK = {"kernel-only": KERNEL_ONLY, "seccomp-only": SECCOMP_ONLY}
+SETUPS = {**WITH_HOOK, **WITHOUT_HOOK}
+
+
+@pytest.fixture
+def victim():
+    """A process outside the sandbox for the code to try to signal: (pid, is_alive)."""
+    import subprocess
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc.pid, lambda: proc.poll() is None
+    proc.kill()
+    proc.wait()
+
+
+SIGNAL_ATTACKS = {
+    # F_SETOWN + F_SETSIG + O_ASYNC: the kernel sends SIGKILL to the owner on the next write
+    "fcntl": "import os, fcntl\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, {pid})\nfcntl.fcntl(r, 10, 9)\n"
+             "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')\nimport time\ntime.sleep(0.3)",
+    # FIOSETOWN: the owner gets SIGIO (whose default action ends the process)
+    "ioctl": "import os, fcntl, struct\nr, w = os.pipe()\nfcntl.ioctl(r, 0x8901, struct.pack('i', {pid}))\n"
+             "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')\nimport time\ntime.sleep(0.3)",
+}
+
+
+def _needs_seccomp(sandbox):
+    if sandbox in WITHOUT_HOOK.values():
+        require(sandbox, "seccomp")
+
+
+@pytest.mark.parametrize("attack", sorted(SIGNAL_ATTACKS))
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_code_cannot_signal_other_processes_through_file_owners(victim, setup, attack):
+    sandbox = SETUPS[setup]
+    _needs_seccomp(sandbox)
+    pid, alive = victim
+    result = sandbox.run(SIGNAL_ATTACKS[attack].format(pid=pid))
+    assert not result.ok, result.text
+    assert result.error == ("sandbox_violation" if setup in WITH_HOOK else "tool_exception"), result.text
+    assert alive()
+
+
+@pytest.mark.parametrize("setup", sorted(WITHOUT_HOOK))
+def test_seccomp_refuses_queued_signals_to_other_processes(victim, setup):
+    sandbox = SETUPS[setup]
+    require(sandbox, "seccomp")
+    pid, alive = victim
+    nr = {"x86_64": (129, 297), "aarch64": (138, 240)}.get(os.uname().machine)
+    if nr is None:
+        pytest.skip("no syscall numbers for this architecture")
+    # si_code SI_QUEUE (-1): what sigqueue(3) sends, which the kernel lets a process send to its user's others
+    code = (f"import ctypes, os, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"info = ctypes.create_string_buffer(struct.pack('iii', 9, 0, -1) + bytes(116))\n"
+            f"a = libc.syscall({nr[0]}, {pid}, 9, info)\nb = libc.syscall({nr[1]}, {pid}, {pid}, 9, info)\n"
+            f"print(a, b, os.strerror(ctypes.get_errno()))")
+    result = sandbox.run(code)
+    assert result.ok and result.text.startswith("-1 -1 Operation not permitted"), result.text
+    assert alive()
+
+
+def _site_packages_extension():
+    import glob
+    base = os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    found = sorted(f for f in glob.glob(os.path.join(base, "*.cpython-*.so"))
+                   if os.path.basename(f).split(".")[0].isidentifier())
+    if not found:
+        pytest.skip(f"no extension module directly in {base}")
+    return base, found[0]
+
+
+@pytest.mark.parametrize("setup", sorted(WITH_HOOK))
+def test_no_native_code_or_packages_from_the_base_interpreters_site_packages(setup):
+    base, extension = _site_packages_extension()
+    name = os.path.basename(extension).split(".")[0]
+    for code in [f"import sys\nsys.path.append({base!r})\nimport {name}",
+                 f"import importlib.util as u\nspec = u.spec_from_file_location({name!r}, {extension!r})\n"
+                 f"u.module_from_spec(spec)",
+                 f"open({os.path.join(base, os.listdir(base)[0])!r}, 'rb').read(1)"]:
+        result = SETUPS[setup].run(code)
+        assert result.error == "sandbox_violation", (code, result.text)
+
+
+def test_landlock_hides_the_base_interpreters_site_packages():
+    require(KERNEL_ONLY, "landlock")
+    base, extension = _site_packages_extension()
+    result = KERNEL_ONLY.run(f"open({extension!r}, 'rb').read(1)")
+    assert result.error == "tool_exception" and "PermissionError" in result.text, result.text
+    assert KERNEL_ONLY.run("import json, decimal, asyncio\nprint('ok')").text == "ok\n"  # the stdlib still reads
+
+
+@pytest.mark.parametrize("setup", sorted(WITHOUT_HOOK) + ["namespace-only"])
+def test_system_v_segments_do_not_outlive_the_run(setup):
+    import random
+    sandbox = SETUPS.get(setup) or PythonSandbox(timeout_s=3.0, audit_hook=False, seccomp=False, landlock=False)
+    if setup == "namespace-only":
+        require(sandbox, "ipcns")
+    else:
+        require(sandbox, "seccomp")
+    key = random.randrange(1 << 20, 1 << 30)
+    result = sandbox.run(f"import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.shmget({key}, 4096, 0o1600))")
+    assert result.ok, result.text
+    assert (result.text.strip() == "-1") == (setup != "namespace-only"), result.text  # seccomp refuses it
+    with open("/proc/sysvipc/shm") as f:
+        assert str(key) not in {line.split()[0] for line in f.readlines()[1:]}
+
+
+@pytest.mark.parametrize("setup", sorted(WITH_HOOK))
+def test_blocked_modules_do_not_load_under_another_name(setup, tmp_path):
+    import glob
+    import sysconfig
+    dynload = os.path.join(sysconfig.get_paths()["platstdlib"], "lib-dynload")
+    found = glob.glob(os.path.join(dynload, "_posixsubprocess*.so"))
+    outside = tmp_path / "pwned"
+    attacks = [
+        "import _imp, importlib.machinery as m\n"
+        f"_imp.create_builtin(m.ModuleSpec('posix', None)).mknod({str(outside)!r})",
+    ]
+    if found:
+        attacks.append(f"import importlib.util as u\nspec = u.spec_from_file_location('x._posixsubprocess', {found[0]!r})\n"
+                       "m = u.module_from_spec(spec)\n"
+                       f"m.fork_exec(['/bin/sh', '-c', 'touch {outside}; sleep 30'], [b'/bin/sh'], True, (), None, None, "
+                       "-1, -1, -1, -1, -1, -1, -1, -1, True, True, None, None, None, -1, None, True)")
+    before = children_of_this_process()
+    for code in attacks:
+        result = SETUPS[setup].run(code)
+        assert result.error == "sandbox_violation", (code, result.text)
+    assert not outside.exists() and children_of_this_process() == before
+
+
+@pytest.mark.parametrize("setup", sorted(WITH_HOOK))
+def test_c_level_file_access_without_audit_events_is_refused(setup, tmp_path):
+    outside = tmp_path / "attached.db"
+    for code, fragment in [
+        (f"import sqlite3\nsqlite3.connect(':memory:').execute(\"ATTACH DATABASE '{outside}' AS x\")", "_sqlite3"),
+        ("import sqlite3\n[sqlite3.connect(f'db{i}') for i in range(200)]", "_sqlite3"),
+        ("import spwd\nprint(spwd.getspall())", "spwd"),
+        ("import pwd\nprint(pwd.getpwall())", "pwd"),
+        ("import grp\nprint(grp.getgrall())", "grp"),
+    ]:
+        result = SETUPS[setup].run(code)
+        assert result.error == "sandbox_violation" and f"importing {fragment}" in result.text, (code, result.text)
+    assert not outside.exists()
+
+
+def test_landlock_keeps_the_shadow_file_from_spwd():
+    require(KERNEL_ONLY, "landlock")
+    result = KERNEL_ONLY.run("import warnings\nwarnings.simplefilter('ignore')\nimport spwd\ntry:\n"
+                             "    print(len(spwd.getspall()))\nexcept OSError as e:\n    print(e)")
+    assert result.ok and result.text.strip() in ("0", "[Errno 13] Permission denied"), result.text
