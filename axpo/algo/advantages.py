@@ -142,11 +142,12 @@ def assemble_advantages(rollouts, continuations, cfg: AxpoConfig) -> list[TrainS
             source_of_cont[j] = s
     cont_source = torch.tensor(source_of_cont, dtype=torch.int64)
     cont_rewards = torch.tensor([float(c.reward) for c in continuations], dtype=torch.float32)
-    seg_rewards, seg_labels, next_label = [rewards], [dense], n_groups
+    seg_rewards, seg_labels, next_label, size = [rewards], [dense], n_groups, [R]
 
     def segment(values: Tensor, label: int | Tensor) -> int:
         """Appends a segment (one label, or one per value); returns its offset in the batched output."""
-        offset = sum(len(t) for t in seg_rewards)
+        offset = size[0]
+        size[0] += len(values)
         seg_rewards.append(values)
         seg_labels.append(label if isinstance(label, Tensor) else torch.full((len(values),), label, dtype=torch.int64))
         return offset
@@ -158,11 +159,11 @@ def assemble_advantages(rollouts, continuations, cfg: AxpoConfig) -> list[TrainS
         r_prefix = (best > 0).to(torch.float32)
         for s, uid in enumerate(sources):
             group = members[int(dense[index_of[uid]])]
-            copy = rewards[torch.tensor(group, dtype=torch.int64)].clone()
-            copy[group.index(index_of[uid])] = r_prefix[s]
-            offset = segment(copy, next_label)
+            at = group.index(index_of[uid])
+            copy = rewards[torch.tensor(group, dtype=torch.int64)]  # indexing copies
+            copy[at] = r_prefix[s]
+            prefix_pos[uid] = segment(copy, next_label) + at
             next_label += 1
-            prefix_pos[uid] = offset + group.index(index_of[uid])
     if method.continuation_group == "own":  # Eq. 2
         cont_offset = segment(cont_rewards, next_label + cont_source)
     else:  # with the statistics of the source's whole group: its originals and all its continuations

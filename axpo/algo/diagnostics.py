@@ -44,7 +44,8 @@ def step_diagnostics(rollouts, plan: ResamplePlan, continuations=(), extra: dict
         n_continuations, prefixes_resampled, recovery_rate, triggered_groups_recovered_frac,
         confidence_mean/min/max (over candidates), confidence_selected_mean /
         confidence_rest_mean (over the selected candidates / the others, when there are any),
-        entropy_mean/min/max (when every candidate has one), distinct_tool_calls_resampled, extra_rollout_tokens, tool_calls, tool_errors/<kind>.
+        entropy_mean/min/max (when every candidate has one), distinct_tool_calls_resampled,
+        extra_rollout_tokens, tool_calls, tool_errors/<kind>.
     """
     rollouts = _checks.originals(rollouts, "rollouts")
     continuations = _checks.rollout_list(continuations, "continuations")

@@ -87,11 +87,13 @@ class ChatFormat:
 
     def encode_untrusted(self, text: str) -> list[int]:
         """Tool output as plain text tokens: valid UTF-8, no special token (module docstring)."""
-        text = valid_text(text)
+        return self._encode_as_text(valid_text(text))
+
+    def _encode_as_text(self, text: str) -> list[int]:
         ids, pos = [], 0
         for m in self._specials.finditer(text):
             ids += self.encode(text[pos:m.start()])
-            ids += self.encode(m.group()[0]) + self.encode_untrusted(m.group()[1:])
+            ids += self.encode(m.group()[0]) + self._encode_as_text(m.group()[1:])
             pos = m.end()
         return ids + self.encode(text[pos:])
 

@@ -230,7 +230,7 @@ def _seccomp_program(arch, pid):
     return prog
 
 
-def _apply_kernel_layers(cfg, read_roots):
+def _apply_kernel_layers(cfg, read_roots, hidden):
     """Landlock (files, TCP, signals) and seccomp (processes, sockets, privileged syscalls).
 
     Returns short descriptions of what was applied (or why not). Both layers are irreversible and
@@ -239,7 +239,7 @@ def _apply_kernel_layers(cfg, read_roots):
         return []
     applied = []
     try:
-        _apply_landlock_and_seccomp(cfg, read_roots, applied)
+        _apply_landlock_and_seccomp(cfg, read_roots, hidden, applied)
     except Exception as e:  # a missing libc symbol, an odd platform: run with the other layers
         applied.append(f"kernel-layers-failed:{type(e).__name__}")
     # unload ctypes: a later `import ctypes` by the code then raises an import event (refused)
@@ -248,7 +248,7 @@ def _apply_kernel_layers(cfg, read_roots):
     return applied
 
 
-def _apply_landlock_and_seccomp(cfg, read_roots, applied):
+def _apply_landlock_and_seccomp(cfg, read_roots, hidden, applied):
     import os
     try:
         import ctypes
@@ -289,14 +289,14 @@ def _apply_landlock_and_seccomp(cfg, read_roots, applied):
                 applied.append(f"landlock-failed:{ctypes.get_errno()}")
             else:
                 rules = [(cfg["work"], tree_rights)]
-                hidden = set(p.rstrip("/") for p in _packages_dirs(read_roots))
+                hidden_dirs = {p.rstrip("/") for p in hidden}
                 for root in read_roots:
                     if root == cfg["work"]:
                         continue
                     children = [os.path.join(root, c) for c in os.listdir(root)] if any(
-                        os.path.dirname(h) == root for h in hidden) else [root]
+                        os.path.dirname(h) == root for h in hidden_dirs) else [root]
                     # a root holding site-packages: everything in it but that (Landlock only allows)
-                    rules += [(c, READ_FILE | READ_DIR) for c in children if os.path.realpath(c) not in hidden]
+                    rules += [(c, READ_FILE | READ_DIR) for c in children if os.path.realpath(c) not in hidden_dirs]
                 # shared libraries that stdlib extensions load (zlib, libcrypto...): read-only files
                 rules += [(path, READ_FILE) for path in _library_paths()]
                 ok = True
@@ -366,7 +366,7 @@ def _library_paths():
 
 # --- the audit hook --------------------------------------------------------------------------
 
-def _make_audit_hook(work, read_roots, report, max_files):
+def _make_audit_hook(work, read_roots, hidden, report, max_files):
     """The audit hook: refuses the events above and file access outside the allowed trees.
 
     Everything it uses is bound here (functions of C modules, builtins), so that model code cannot
@@ -399,7 +399,7 @@ def _make_audit_hook(work, read_roots, report, max_files):
     read_roots = tuple(read_roots)
     read_prefixes = tuple(root + "/" for root in read_roots)
     # third-party packages installed inside the standard library's tree are not the standard library
-    hidden_prefixes = tuple(_packages_dirs(read_roots))
+    hidden_prefixes = tuple(hidden)
     # extension modules: only the standard library's own directory of them (lib-dynload)
     native_prefixes = tuple(p for p in read_prefixes if p.rstrip("/").endswith("/lib-dynload"))
     signal_fcntls, signal_ioctls = SIGNAL_FCNTLS, SIGNAL_IOCTLS + FS_FLAG_IOCTLS
@@ -695,7 +695,8 @@ def main():
             report("cpu", f"CPU time limit of {cfg['cpu_s']} s exceeded")
             exit_(EXIT_CPU)
         signal.signal(signal.SIGXCPU, on_cpu_limit)
-        layers = _apply_kernel_layers(cfg, read_roots)
+        hidden = _packages_dirs(read_roots)  # site-packages inside the stdlib's tree: hidden from the code
+        layers = _apply_kernel_layers(cfg, read_roots, hidden)
         try:
             __import__("_posixsubprocess")  # loaded now to be defused: see BLOCKED_MODULES
         except ImportError:
@@ -708,7 +709,7 @@ def main():
         linecache.cache[__file__] = (0, None, [], __file__)
         if cfg["audit_hook"]:
             _load_builtins()
-            hook, violate = _make_audit_hook(work, read_roots, report, cfg["max_files"])
+            hook, violate = _make_audit_hook(work, read_roots, hidden, report, cfg["max_files"])
             sys.addaudithook(hook)
             _remove_functions(violate)
             del hook, violate

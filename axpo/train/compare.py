@@ -216,17 +216,15 @@ class _Runner:
                 self.env.pop(key, None)  # each child is a world of one on its own port
 
     def run_all(self, cfgs: Sequence[Config]) -> list[dict]:
-        todo = [(i, c) for i, c in enumerate(cfgs) if _finished(c.log.output_dir, c) is None]
+        todo = [c for c in cfgs if _finished(c.log.output_dir, c) is None]
         if self.jobs == 1:
-            for _, c in todo:
+            for c in todo:
                 train(c)
         else:
             running: list[tuple[subprocess.Popen, Config, object]] = []
-            queue = list(todo)
-            while queue or running:
-                while queue and len(running) < self.jobs:
-                    _, c = queue.pop(0)
-                    running.append(self._start(c))
+            while todo or running:
+                while todo and len(running) < self.jobs:
+                    running.append(self._start(todo.pop(0)))
                 time.sleep(0.5)
                 for item in list(running):
                     proc, c, log = item

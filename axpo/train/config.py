@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
+from ..algo.config import SCORES, TIE_BREAKS
 from ..algo.methods import LOSS_AGGS, get_method, method_names
+from ..ops.reference_policy_loss import KL_ESTIMATORS
 from ..tasks import TASKS
 from ..tasks.zoom_digits import REGIMES
 
@@ -187,9 +189,9 @@ class Config:
         choice("task.regime", self.task.regime, tuple(REGIMES))
         need(self.task.name != "local" or bool(self.task.path), "task.path", "a dataset path when task.name is 'local'")
         choice("rl.algorithm", self.rl.algorithm, method_names())
-        choice("rl.score", self.rl.score, ("confidence", "entropy"))
-        choice("rl.tie_break", self.rl.tie_break, ("confidence", "group_id"))
-        choice("rl.kl_estimator", self.rl.kl_estimator, ("k1", "k2", "k3"))
+        choice("rl.score", self.rl.score, SCORES)
+        choice("rl.tie_break", self.rl.tie_break, TIE_BREAKS)
+        choice("rl.kl_estimator", self.rl.kl_estimator, KL_ESTIMATORS)
         choice("rl.loss_agg", self.rl.loss_agg, (None,) + tuple(LOSS_AGGS))
         choice("rollout.engine", self.rollout.engine, ("transformers", "vllm"))
         choice("trainer.device", self.trainer.device, ("auto", "cpu", "cuda"))

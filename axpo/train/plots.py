@@ -44,14 +44,16 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _moving_average(ys: list[float], window: int) -> list[float]:
-    """Trailing mean over up to `window` points (the first points average what exists)."""
-    out, acc = [], 0.0
+def _moving_average(ys, window: int) -> list[float]:
+    """Trailing mean over up to `window` points (the first points average what exists); NaN
+    points are left out, and a window holding none gives NaN."""
+    out, acc, n = [], 0.0, 0
     for i, y in enumerate(ys):
-        acc += y
-        if i >= window:
-            acc -= ys[i - window]
-        out.append(acc / min(i + 1, window))
+        if math.isfinite(y):
+            acc, n = acc + y, n + 1
+        if i >= window and math.isfinite(ys[i - window]):
+            acc, n = acc - ys[i - window], n - 1
+        out.append(acc / n if n else math.nan)
     return out
 
 
@@ -199,7 +201,7 @@ def plot_compare(curves: dict[str, list[list[float]]], png_path, ylabel: str, ti
             if len(xs) != len(seeds) or any(x.shape != s.shape for x, s in zip(xs, seeds)):
                 raise ValueError(f"steps[{method!r}] must match the shape of curves[{method!r}]")
         if smooth > 1:
-            seeds = [_nan_moving_average(s, smooth) for s in seeds]
+            seeds = [np.asarray(_moving_average(s.tolist(), smooth)) for s in seeds]
         color = None
         for x, s in zip(xs, seeds):
             (line,) = ax.plot(x, s, color=color, alpha=0.2, linewidth=0.8)
@@ -224,16 +226,3 @@ def plot_compare(curves: dict[str, list[list[float]]], png_path, ylabel: str, ti
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, png_path)
-
-
-def _nan_moving_average(values, window: int):
-    """Trailing mean over up to `window` finite points (NaN where the window holds none)."""
-    import numpy as np
-
-    out = np.full(values.shape, np.nan)
-    for i in range(values.size):
-        w = values[max(0, i - window + 1):i + 1]
-        w = w[np.isfinite(w)]
-        if w.size:
-            out[i] = w.mean()
-    return out
