@@ -15,7 +15,7 @@ from .advantages import STREAM_CODES, TrainSample, assemble_advantages, pack_sam
 from .config import AxpoConfig
 from .diagnostics import step_diagnostics
 from .methods import Method, get_method, method_names, register_method
-from .records import Rollout, Stream, ToolCallRecord, Turn
+from ..records import Rollout, Stream, ToolCallRecord, Turn
 from .selection import (
     PrefixCandidate,
     ResamplePlan,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .records import Rollout, Stream
+from ..records import Rollout, Stream
 
 
 def is_correct(reward: float) -> bool:

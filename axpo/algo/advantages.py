@@ -26,7 +26,7 @@ from axpo.ops import group_advantages
 
 from . import _checks
 from .config import AxpoConfig
-from .records import Rollout, Stream
+from ..records import Rollout, Stream
 
 __all__ = ["TrainSample", "assemble_advantages", "pack_samples", "STREAM_CODES"]
 

@@ -10,7 +10,7 @@ import json
 from collections import Counter, defaultdict
 
 from . import _checks
-from .records import Rollout, Stream
+from ..records import Rollout, Stream
 from .selection import ResamplePlan
 
 __all__ = ["step_diagnostics"]

@@ -26,7 +26,7 @@ from axpo.ops import token_logprob_entropy
 
 from . import _checks
 from .config import TIE_BREAKS, AxpoConfig
-from .records import Rollout, Stream
+from ..records import Rollout, Stream
 
 __all__ = [
     "PrefixCandidate", "ResamplePlan", "triggered_groups", "span_confidence", "span_mean_entropy",

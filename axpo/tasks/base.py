@@ -11,7 +11,7 @@ import abc
 import random
 from dataclasses import dataclass
 
-from ..rollout.engine import Prompt
+from ..records import Prompt
 
 __all__ = ["SftTrace", "Task"]
 
@@ -40,11 +40,13 @@ class Task(abc.ABC):
     name: a short identifier. splits: the split names (e.g. ("train", "test")).
     view_max_pixels: the image budget (resized area) the policy should see this task's images at,
         e.g. set on `policy.image_processor.max_pixels`; None: the policy's own.
+    tool_names: the tools its SFT traces call (a run's registry must have them).
     """
 
     name: str = "task"
     splits: tuple[str, ...] = ()
     view_max_pixels: int | None = None
+    tool_names: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def prompts(self, split: str, start: int, count: int, *, wrap: bool = False) -> list[Prompt]:

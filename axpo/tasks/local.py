@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..rollout.engine import Prompt
+from ..records import Prompt
 from .base import SftTrace, Task, _check_int
 
 __all__ = ["LocalDatasetTask", "QUESTION_KEYS", "IMAGE_KEYS", "ANSWER_KEYS"]

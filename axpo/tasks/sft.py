@@ -1,11 +1,13 @@
 """Supervised warm-start data: a task's traces as token ids with labels, exactly as a rollout
 with the same choices would contain them.
 
-A trace becomes: the prompt (chat.prompt) + the model turn `<think>..</think>` and either
+A trace becomes: the prompt (chat.prompt) + a model turn reasoning trace.think and either
 `<tool_call>{json}</tool_call>` (the turn ends at the closing tag, as the engines stop there), the
 tool's response from actually running the call (chat.tool_response: it closes the model turn
 and opens the next one; its images join the conversation), then the model turn
 `<answer>..</answer><|im_end|>`; or directly `<answer>..</answer><|im_end|>`. Model turns are
+written by chat.model_turn (the hand-built format: `<think>..</think>` then the content; a chat
+template: as it renders an assistant message, e.g. a Thinking model's `..\n</think>\n\n`). Model turns are
 trained; the prompt and tool responses are not (label -100), matching the rollout's trainable mask.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from ..rollout.engine import Prompt
+from ..records import Prompt
 from ..tools import ToolContext
 from .base import SftTrace, Task, _check_int
 
@@ -45,15 +47,15 @@ def encode_trace(chat, tools, prompt: Prompt, trace: SftTrace) -> SftExample:
     ids = list(chat.prompt(prompt.question, prompt.images))
     labels = [IGNORE_INDEX] * len(ids)
     images = list(prompt.images)
-    answer = chat.encode(f"<answer>{trace.answer}</answer>") + [chat.im_end]
+    answer_text = f"<answer>{trace.answer}</answer>"
     if trace.tool_call is None:
-        turn = chat.encode(f"<think>{trace.think}</think>") + answer
+        turn = chat.encode(chat.model_turn(trace.think, answer_text)) + [chat.im_end]
         return SftExample(ids + turn, labels + turn, images)
     call = trace.tool_call
     if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)):
         raise ValueError(f'trace.tool_call must be {{"name": str, "arguments": dict}} or None, got {call!r}')
     call_text = json.dumps({"name": call["name"], "arguments": call["arguments"]})
-    turn = chat.encode(f"<think>{trace.think}</think><tool_call>{call_text}</tool_call>")
+    turn = chat.encode(chat.model_turn(trace.think, f"<tool_call>{call_text}</tool_call>"))
     result = tools.execute(call_text, ToolContext(images=list(images)))
     if result.error is not None:
         raise ValueError(f"trace.tool_call failed when run: {result.text}")
@@ -62,6 +64,7 @@ def encode_trace(chat, tools, prompt: Prompt, trace: SftTrace) -> SftExample:
         text += f"\n[{len(new_images)} image(s) omitted: this model reads text only]"
         new_images = []
     response = chat.tool_response(text, new_images)
+    answer = chat.encode(chat.model_turn(None, answer_text)) + [chat.im_end]
     ids += turn + response + answer
     labels += turn + [IGNORE_INDEX] * len(response) + answer
     return SftExample(ids, labels, images + new_images)

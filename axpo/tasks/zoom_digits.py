@@ -51,7 +51,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from ..rollout.engine import Prompt
+from ..records import Prompt
 from .base import SftTrace, Task, _check_int
 
 __all__ = ["ZoomDigitsTask", "DIGIT_FONT", "REGIMES", "render_glyph"]
@@ -125,6 +125,7 @@ class ZoomDigitsTask(Task):
 
     name = "zoom_digits"
     splits = ("train", "test")
+    tool_names = ("zoom",)
 
     def __init__(self, *, seed: int = 0, grid: int = 3, pitch: int = 48, cell_size: int = 12,
                  glyph_scale: int = 1, stroke: int | None = None, jitter: int = 1, noise: int = 24,

@@ -25,19 +25,48 @@ images). Model output is untrusted: `execute` never raises on it; every failure 
 
 Truncation of long output is not an error: it is marked in the text.
 
-Built-in tools: `zoom` (crop and enlarge a region of an image: axpo.tools.zoom) and `python`
-(sandboxed code execution: axpo.tools.python_sandbox, whose docstring details the sandbox).
+Built-in tools (`TOOLS`, name -> builder taking the tool's options): `zoom` (crop and enlarge a
+region of an image: axpo.tools.zoom) and `python` (sandboxed code execution:
+axpo.tools.python_sandbox, whose docstring details the sandbox). `build_registry(names, ...)` makes
+a run's registry from its config; its `specs()` are what the prompt announces.
 """
 from .python_sandbox import PythonSandbox, python_tool
 from .registry import (ERROR_KINDS, Tool, ToolCall, ToolContext, ToolRegistry, ToolResult,
                        parse_tool_call)
 from .zoom import ZoomTool, zoom_tool
 
-__all__ = ["ERROR_KINDS", "Tool", "ToolCall", "ToolContext", "ToolResult", "ToolRegistry",
-           "parse_tool_call", "default_registry", "zoom_tool", "python_tool", "ZoomTool", "PythonSandbox"]
+__all__ = ["ERROR_KINDS", "TOOLS", "Tool", "ToolCall", "ToolContext", "ToolResult", "ToolRegistry",
+           "parse_tool_call", "build_registry", "default_registry", "zoom_tool", "python_tool", "ZoomTool",
+           "PythonSandbox"]
 
-_ZOOM_OPTIONS = ("scale", "min_side", "max_side", "max_pixels")
+# the built-in tools by name: each builder takes that tool's options as keyword arguments
+TOOLS = {"zoom": zoom_tool, "python": python_tool}
+
+_ZOOM_OPTIONS = ("scale", "min_side", "max_side", "max_pixels", "coordinates")
 _REGISTRY_OPTIONS = ("max_result_chars",)
+
+
+def build_registry(names, *, max_result_chars: int = 4000, options: dict | None = None) -> ToolRegistry:
+    """A registry of the built-in tools `names` (in that order; see TOOLS), each built with
+    options[name] (a dict of its builder's keyword arguments). A ValueError names a bad entry."""
+    options = dict(options or {})
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"tool names must be a list of strings, got {names!r}")
+    for name in list(names) + list(options):
+        if name not in TOOLS:
+            raise ValueError(f"unknown tool {name!r}: the built-in tools are {sorted(TOOLS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tool names must be distinct, got {list(names)}")
+    registry = ToolRegistry(max_result_chars=max_result_chars)
+    for name in names:
+        opts = options.get(name) or {}
+        if not isinstance(opts, dict):
+            raise ValueError(f"options of tool {name!r} must be a mapping, got {opts!r}")
+        try:
+            registry.add(TOOLS[name](**opts))
+        except (TypeError, ValueError) as e:  # an unknown option, or a value out of range
+            raise ValueError(f"tool {name!r}: {e}") from None
+    return registry
 
 
 def default_registry(*, python: bool = True, zoom: bool = True, **limits) -> ToolRegistry:

@@ -2,8 +2,9 @@
 
 Call: {"name": "zoom", "arguments": {"bbox_2d": [x1, y1, x2, y2], "image_index": 0}}
   bbox_2d: the box in pixel coordinates of the referenced image (x to the right, y down,
-      x1 < x2 and y1 < y2; ints or floats). It is clipped to the image; the crop covers every pixel
-      the box touches (floor of x1/y1, ceiling of x2/y2).
+      x1 < x2 and y1 < y2; ints or floats), or, with coordinates="relative", in thousandths of its
+      width and height (0..1000: Qwen3-VL's grounding convention). It is clipped to the image; the
+      crop covers every pixel the box touches (floor of x1/y1, ceiling of x2/y2).
   image_index: which image (default 0, the question's image). Negative values count from the
       latest image as in Python (-1 = the most recent one, e.g. the previous zoom's result).
 Result: the crop as an RGB image, resized with bicubic resampling so that its longer side is
@@ -40,6 +41,20 @@ ZOOM_SCHEMA = {
 }
 
 
+COORDINATES = ("pixel", "relative")  # relative: 0..1000 of the width / height
+
+
+def _schema(coordinates: str) -> dict:
+    if coordinates == "pixel":
+        return ZOOM_SCHEMA
+    schema = {**ZOOM_SCHEMA, "properties": dict(ZOOM_SCHEMA["properties"])}
+    schema["properties"]["bbox_2d"] = {
+        **ZOOM_SCHEMA["properties"]["bbox_2d"],
+        "description": "The region [x1, y1, x2, y2] to zoom into, in thousandths of the image's width and "
+                       "height (0..1000; x to the right, y down; x1 < x2, y1 < y2)."}
+    return schema
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -54,12 +69,17 @@ class ZoomTool:
     max_side: ...and at most this many (default 512).
     max_pixels: the result's width * height is at most this (default 512 * 512); the aspect ratio
         is kept, so a very thin box gives a thin result.
+    coordinates: "pixel" (default: bbox_2d in the image's pixels) or "relative" (in 0..1000 of
+        its width and height, as Qwen3-VL writes boxes).
     """
 
     name = "zoom"
 
     def __init__(self, *, scale: float = 2.0, min_side: int = 64, max_side: int = 512,
-                 max_pixels: int = 512 * 512):
+                 max_pixels: int = 512 * 512, coordinates: str = "pixel"):
+        if coordinates not in COORDINATES:
+            raise ValueError(f"coordinates must be one of {list(COORDINATES)}, got {coordinates!r}")
+        self.coordinates = coordinates
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         self.scale = float(scale)
@@ -99,6 +119,12 @@ class ZoomTool:
             return ToolResult.failure("bad_arguments", f"bbox_2d must hold 4 finite numbers, got {bbox_2d!r:.80}")
         x1, y1, x2, y2 = bbox_2d
         bounds = f"image {index} is {width}x{height}: x in [0, {width}], y in [0, {height}]"
+        if self.coordinates == "relative":
+            sx, sy = width / 1000, height / 1000
+            x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
+            bounds = "x and y in [0, 1000] of the image's width and height"
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):  # 1e308 scaled by the width
+                return ToolResult.failure("bad_arguments", f"bbox_2d {_fmt_box(bbox_2d)} is out of range ({bounds})")
         if not (x1 < x2 and y1 < y2):
             return ToolResult.failure("bad_arguments", f"the box {_fmt_box(bbox_2d)} is empty or inverted: "
                                       f"it needs x1 < x2 and y1 < y2 ({bounds})")
@@ -120,9 +146,10 @@ class ZoomTool:
 
     def tool(self) -> Tool:
         """This zoom as a registry Tool named "zoom"."""
-        return Tool(self.name, self, ZOOM_SCHEMA, description=(
-            "Zoom in on a region of an image: crops the box bbox_2d = [x1, y1, x2, y2] (pixel "
-            "coordinates) of the chosen image and returns it enlarged as a new image."))
+        units = "pixel coordinates" if self.coordinates == "pixel" else "0..1000 of the width and height"
+        return Tool(self.name, self, _schema(self.coordinates), description=(
+            f"Zoom in on a region of an image: crops the box bbox_2d = [x1, y1, x2, y2] ({units}) of the "
+            "chosen image and returns it enlarged as a new image."))
 
 
 def _finite_number(v) -> bool:
@@ -139,5 +166,5 @@ def _fmt_box(box) -> str:
 
 
 def zoom_tool(**options) -> Tool:
-    """The zoom Tool; `options` are ZoomTool's (scale, min_side, max_side, max_pixels)."""
+    """The zoom Tool; `options` are ZoomTool's (scale, min_side, max_side, max_pixels, coordinates)."""
     return ZoomTool(**options).tool()

@@ -1,21 +1,24 @@
-"""Building the parts of a run from its Config: the task, the policy, the rollout engine, the
-sampling settings and the method's AxpoConfig. Every other job module builds through these."""
+"""Building the parts of a run from its Config: the task, the tool registry, the chat format, the
+policy, the rollout engine, the sampling settings and the method's AxpoConfig. Every other job
+module builds through these."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 
 import torch
 
 from ..algo import AxpoConfig
-from ..models import Policy, build_tiny_policy, load_model_config, load_policy, policy_from_model
-from ..rollout import ChatFormat, SamplingSettings, TransformersEngine, VllmEngine
+from ..models import Policy, build_tiny_policy, load_policy, policy_from_model
+from ..rollout import ChatFormat, SamplingSettings, TransformersEngine, VllmEngine, extract_answer
+from ..rollout.reward import make_reward
 from ..tasks import make_task
-from ..tools import default_registry
+from ..tools import ToolRegistry, build_registry
 from .config import Config
 
-__all__ = ["derive_seed", "build_task", "build_policy", "build_engine", "sampling_settings", "axpo_config",
-           "check_inputs", "pad_id", "quiet"]
+__all__ = ["derive_seed", "build_task", "build_tools", "build_chat", "build_policy", "build_engine",
+           "sampling_settings", "axpo_config", "pad_id", "quiet"]
 
 
 def derive_seed(*parts) -> int:
@@ -30,31 +33,24 @@ def build_task(cfg: Config):
                      answer_key=cfg.task.answer_key)
 
 
-def check_inputs(cfg: Config, task, *, splits: dict[str, str] | None = None) -> None:
-    """What a run reads, checked in seconds before it writes anything: the splits it uses exist
-    and give an example (columns, image files), and the model directory or hub name has a
-    readable config. A ValueError naming the key and what was expected otherwise.
+def build_tools(cfg: Config) -> ToolRegistry:
+    """The run's tool registry (config tools.*): rollouts, SFT traces and evaluation all use it."""
+    t = cfg.tools
+    try:
+        return build_registry(t.names, max_result_chars=t.max_result_chars,
+                              options={name: getattr(t, name) for name in ("zoom", "python") if getattr(t, name)})
+    except ValueError as e:
+        raise ValueError(f"config tools: {e}") from None
 
-    splits: {where the split was given: split} to check (default: config task.train_split, and
-    config task.eval_split when the run evaluates)."""
-    if splits is None:
-        splits = {"config task.train_split": cfg.task.train_split}
-        if cfg.eval.questions > 0:
-            splits["config task.eval_split"] = cfg.task.eval_split
-    for key, split in splits.items():
-        if split not in task.splits:
-            raise ValueError(f"{key} must be one of the task's splits {list(task.splits)}, got {split!r}")
-        if task.size(split) == 0:
-            raise ValueError(f"{key}: split {split!r} of the task is empty")
-        try:
-            task.prompts(split, 0, 1, wrap=True)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{key}: the first example of split {split!r} cannot be read: {e}") from None
-    if cfg.model.name_or_path is not None:
-        try:
-            load_model_config(cfg.model.name_or_path)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"config model.name_or_path: {e}") from None
+
+def build_chat(cfg: Config, policy: Policy, tools: ToolRegistry) -> ChatFormat:
+    """The chat format of the policy's tokenizer: its chat template when it has one (TemplateChat),
+    listing the registry's specs when config tools.announce says so (null: when there is a template)."""
+    announce = cfg.tools.announce
+    if announce is None:
+        announce = bool(getattr(policy.tokenizer, "chat_template", None))
+    return ChatFormat.for_tokenizer(policy.tokenizer, policy.image_processor, system_prompt=cfg.task.system_prompt,
+                                    tool_specs=tools.specs() if announce else None)
 
 
 def build_policy(cfg: Config, task, path: str | None = None) -> Policy:
@@ -78,22 +74,27 @@ def build_policy(cfg: Config, task, path: str | None = None) -> Policy:
     return policy
 
 
-def build_engine(cfg: Config, policy: Policy, device, model_dir: str | None = None):
+def build_engine(cfg: Config, policy: Policy, device, model_dir: str | None = None,
+                 tools: ToolRegistry | None = None):
     """The rollout engine on its own copy of the policy (weights synced after every update).
-    vllm loads `model_dir`, a saved checkpoint of `policy` (its starting weights)."""
+    vllm loads `model_dir`, a saved checkpoint of `policy` (its starting weights). tools: the
+    run's registry (None: built from the config)."""
+    tools = build_tools(cfg) if tools is None else tools
+    chat = build_chat(cfg, policy, tools)
+    scoring = dict(tools=tools, reward_fn=make_reward(cfg.task.reward, cfg.task.reward_tolerance),
+                   answer_fn=functools.partial(extract_answer, free_text=cfg.task.free_text_answers))
     if cfg.rollout.engine == "vllm":
         if model_dir is None:
             raise ValueError("rollout.engine=vllm needs the policy saved to a directory (model_dir)")
         v = cfg.rollout.vllm
-        chat = ChatFormat(policy.tokenizer, policy.image_processor)
-        return VllmEngine(model_dir, chat=chat, tools=default_registry(),
+        return VllmEngine(model_dir, chat=chat, **scoring,
                           tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
                           max_model_len=v.max_model_len, enforce_eager=v.enforce_eager, dtype=v.dtype,
                           block_size=v.block_size, seed=cfg.seed, colocate=v.colocate,
                           sleep_mode=v.sleep_between_steps, cpu_kvcache_gib=v.cpu_kvcache_gib,
                           engine_kwargs=v.engine_kwargs)
     model = copy.deepcopy(policy.model).to(device).eval()
-    return TransformersEngine(Policy(model, policy.tokenizer, policy.image_processor), tools=default_registry(),
+    return TransformersEngine(Policy(model, policy.tokenizer, policy.image_processor), chat=chat, **scoring,
                               max_batch_size=cfg.rollout.max_batch_size)
 
 

@@ -4,19 +4,23 @@ and checkpoints (DeepSpeed's, with the stage, the step and the RNG states) to re
 Layout of output_dir: metrics.jsonl, checkpoints/ (DeepSpeed, tags sft-NNNNNN / rl-NNNNNN),
 sft_policy/ (the warm-started policy: the RL stage's start and its KL reference), final/ (the
 trained policy), rollout_init/ (with rollout.engine=vllm and no saved policy to start from: the
-built policy vLLM loads), learning_curves.png, summary.json, config.yaml.
+built policy vLLM loads), prompt.txt (the first training question as the policy sees it: system
+turn, tool listing, template; image placeholders collapsed), learning_curves.png, summary.json,
+config.yaml.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 
 from ..models import Policy, save_policy
-from .build import build_task
+from .build import build_task, build_tools
+from .checks import check_prompt
 from .config import Config
 from .distributed import DistInfo, barrier
 from .logs import MetricsLogger
@@ -27,6 +31,7 @@ __all__ = ["RunState", "CHECKPOINTS", "SFT_POLICY", "FINAL_POLICY", "ROLLOUT_INI
 CHECKPOINTS = "checkpoints"
 SFT_POLICY = "sft_policy"
 FINAL_POLICY = "final"
+PROMPT_FILE = "prompt.txt"
 ROLLOUT_INIT = "rollout_init"
 
 
@@ -72,6 +77,7 @@ class RunState:
         self.out = cfg.log.output_dir
         self.ckpt_dir = os.path.join(self.out, CHECKPOINTS)
         self.task = build_task(cfg)
+        self.tools = build_tools(cfg)  # the one registry of the run: SFT traces, rollouts, evaluations
         self.logger: MetricsLogger | None = None
 
     def log(self, stage: str, step: int, global_step: int, metrics: dict) -> None:
@@ -85,6 +91,19 @@ class RunState:
         if self.dist.is_main:
             _prune_checkpoints(self.ckpt_dir, stage, self.cfg.log.keep_checkpoints)
         barrier()
+
+    def check_prompt(self, chat) -> None:
+        """The first training question rendered as the policy sees it: checked to fit the rollout
+        budget (axpo.train.checks.check_prompt), and written to output_dir/prompt.txt."""
+        prompt = self.task.prompts(self.cfg.task.train_split, 0, 1, wrap=True)[0]
+        ids = check_prompt(self.cfg, chat, prompt)
+        if not self.dist.is_main:
+            return
+        text = chat.decode(ids)
+        pad = "<|image_pad|>"
+        text = re.sub(f"(?:{re.escape(pad)})+", lambda m: f"{pad}x{len(m.group()) // len(pad)}", text)
+        with open(os.path.join(self.out, PROMPT_FILE), "w", encoding="utf-8") as f:
+            f.write(text)
 
     def save_policy(self, trainer, policy: Policy, name: str) -> None:
         """The trainer's weights (gathered on every rank under ZeRO-3) saved as output_dir/name."""

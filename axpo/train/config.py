@@ -20,11 +20,13 @@ import yaml
 from ..algo.config import SCORES, TIE_BREAKS
 from ..algo.methods import LOSS_AGGS, get_method, method_names
 from ..ops.reference_policy_loss import KL_ESTIMATORS
+from ..rollout.reward import REWARDS
 from ..tasks import TASKS
 from ..tasks.zoom_digits import REGIMES
+from ..tools import TOOLS
 
 __all__ = ["Config", "ModelConfig", "TaskConfig", "SftConfig", "RlConfig", "RolloutConfig", "VllmConfig",
-           "TrainerConfig", "EvalConfig", "LogConfig", "load_config", "config_to_dict"]
+           "ToolsConfig", "TrainerConfig", "EvalConfig", "LogConfig", "load_config", "config_to_dict"]
 
 
 @dataclass
@@ -58,6 +60,15 @@ class TaskConfig:
     seed: int = 0
     train_split: str = "train"
     eval_split: str = "test"
+    # the reward of a final answer (axpo.rollout.reward.REWARDS): "exact" (case / whitespace
+    # folded, numbers as numbers), "numeric" (the answer's last number within reward_tolerance of
+    # the truth, relative to max(1, |truth|)), "choice" (the multiple-choice letter A-Z)
+    reward: str = "exact"
+    reward_tolerance: float = 1e-6
+    # the answer is the final turn's last <answer>..</answer>, else its last \boxed{..}; true: else
+    # the final turn's text after its thinking (models that answer in free text)
+    free_text_answers: bool = False
+    system_prompt: str | None = None  # the system turn's text (null: the chat template's own default)
 
 
 @dataclass
@@ -130,6 +141,20 @@ class RolloutConfig:
 
 
 @dataclass
+class ToolsConfig:
+    # the run's tools (axpo.tools.TOOLS), in the order the prompt lists them; the one registry
+    # built from this section serves rollouts, SFT traces and evaluation
+    names: list = field(default_factory=lambda: ["zoom", "python"])
+    # list the tools' specs in the system turn. null: when the tokenizer has a chat template (a
+    # released model calls tools because its template announces them); the tiny built-in model
+    # has none and learns the call format from its warm-start traces instead
+    announce: bool | None = None
+    max_result_chars: int = 4000  # a longer tool result is cut (marked in the text)
+    zoom: dict = field(default_factory=dict)    # ZoomTool options: scale, min_side, max_side, max_pixels
+    python: dict = field(default_factory=dict)  # PythonSandbox limits: timeout_s, cpu_s, memory_mb, ...
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"          # "auto" (cuda when available) | "cpu" | "cuda"
     dtype: str = "float32"        # "float32" | "bfloat16"
@@ -171,6 +196,7 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     rl: RlConfig = field(default_factory=RlConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -187,6 +213,12 @@ class Config:
         choice = lambda key, value, options: need(value in options, key, f"one of {list(options)}")
         choice("task.name", self.task.name, tuple(TASKS))
         choice("task.regime", self.task.regime, tuple(REGIMES))
+        choice("task.reward", self.task.reward, tuple(REWARDS))
+        need(self.task.reward_tolerance >= 0, "task.reward_tolerance", "a number >= 0")
+        need(all(isinstance(n, str) and n in TOOLS for n in self.tools.names), "tools.names",
+             f"a list of tool names from {sorted(TOOLS)}")
+        need(len(set(self.tools.names)) == len(self.tools.names), "tools.names", "a list of distinct names")
+        need(self.tools.max_result_chars >= 100, "tools.max_result_chars", "an int >= 100")
         need(self.task.name != "local" or bool(self.task.path), "task.path", "a dataset path when task.name is 'local'")
         choice("rl.algorithm", self.rl.algorithm, method_names())
         choice("rl.score", self.rl.score, SCORES)

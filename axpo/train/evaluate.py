@@ -7,9 +7,10 @@ import statistics
 from collections.abc import Iterable
 
 from axpo.algo import _checks
-from axpo.algo.records import Stream
+from axpo.records import Stream
 
-from .build import build_engine, build_policy, build_task, check_inputs, derive_seed, quiet, sampling_settings
+from .build import build_engine, build_policy, build_task, derive_seed, quiet, sampling_settings
+from .checks import check_inputs
 from .checkpoint import FINAL_POLICY
 from .config import Config
 from .distributed import DistInfo, all_gather_objects, setup

@@ -94,7 +94,8 @@ def run_rl(run: RunState, resume: dict | None) -> dict:
         if dist.is_main:
             save_policy(policy, model_dir)
         barrier()
-    engine = build_engine(cfg, policy, dist.device, model_dir)
+    engine = build_engine(cfg, policy, dist.device, model_dir, tools=run.tools)
+    run.check_prompt(engine.chat)
     trainer = PolicyTrainer(policy, cfg.trainer, dist, lr=cfg.rl.lr, pad_id=pad_id(policy))
     start = 0
     if resume is not None:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import yaml
 
-from .build import build_policy, check_inputs, quiet
+from .build import build_policy, quiet
 from .checkpoint import RunState, resume_point
+from .checks import check_inputs, check_launch
 from .config import Config, config_to_dict
 from .distributed import barrier, setup
 from .logs import METRICS_FILE, MetricsLogger
@@ -35,14 +36,12 @@ def train(cfg: Config) -> dict:
     output_dir's latest checkpoint when log.resume. Returns the summary (also in summary.json)."""
     dist = setup(cfg.trainer.device)
     quiet()
-    if cfg.rl.questions_per_step < dist.world * cfg.rl.updates_per_step:
-        raise ValueError(f"config rl.questions_per_step ({cfg.rl.questions_per_step}) must be at least the "
-                         f"world size ({dist.world}) times rl.updates_per_step ({cfg.rl.updates_per_step})")
+    check_launch(cfg, dist.world)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2 ** 32)
     torch.manual_seed(cfg.seed)
     run = RunState(cfg, dist)
-    # everything the run reads is checked before it writes into log.output_dir
+    # everything the run reads is checked before it loads a model or writes into log.output_dir
     check_inputs(cfg, run.task)
     resume = resume_point(run)
     if dist.is_main:

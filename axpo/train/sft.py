@@ -9,10 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..models import Policy
-from ..rollout import ChatFormat
 from ..tasks import sft_batch
-from ..tools import default_registry
-from .build import derive_seed, pad_id
+from .build import build_chat, derive_seed, pad_id
 from .checkpoint import SFT_POLICY, RunState, restore_rng_state
 from .logs import Progress
 from .trainer import PolicyTrainer, Row
@@ -29,7 +27,9 @@ def run_sft(run: RunState, policy: Policy, resume: dict | None) -> None:
         state = trainer.load(run.ckpt_dir, resume["tag"])
         restore_rng_state(state.get("rng"))
         start = int(state["step"])
-    chat, tools = ChatFormat(policy.tokenizer, policy.image_processor), default_registry()
+    tools = run.tools
+    chat = build_chat(cfg, policy, tools)
+    run.check_prompt(chat)
 
     def batch(step: int):
         return sft_batch(run.task, chat, tools, step=step, batch_size=cfg.sft.batch_size,

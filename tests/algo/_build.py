@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from axpo.algo.records import Rollout, Stream, ToolCallRecord, Turn
+from axpo.records import Rollout, Stream, ToolCallRecord, Turn
 
 VOCAB = 50
 

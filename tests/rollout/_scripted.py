@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from axpo.rollout import RolloutEngine, TurnOutput
+from axpo.rollout import AgentLoop, Sampler, TurnOutput
 
 
 def turn_index(chat, token_ids) -> int:
@@ -13,11 +13,11 @@ def turn_index(chat, token_ids) -> int:
     return sum(1 for i in range(len(token_ids)) if token_ids[i:i + len(close)] == close)
 
 
-class ScriptedEngine(RolloutEngine):
-    """sample_turns returns script(request, turn_index) encoded, ending as the engine contract says."""
+class ScriptedSampler(Sampler):
+    """sample_turns returns script(request, turn_index) encoded, ending as the sampler contract says."""
 
-    def __init__(self, chat, script, **kw):
-        super().__init__(chat, **kw)
+    def __init__(self, chat, script):
+        super().__init__(chat)
         self.script = script
         self.requests = []
 
@@ -37,7 +37,22 @@ class ScriptedEngine(RolloutEngine):
         return outs
 
     def load_weights(self, weights):
-        self.loaded_weights = dict(weights)  # a scripted engine has no model: keep what it was given
+        self.loaded_weights = dict(weights)  # a scripted sampler has no model: keep what it was given
+
+
+class ScriptedEngine(AgentLoop):
+    """The agent loop over a ScriptedSampler (its requests and loaded weights exposed)."""
+
+    def __init__(self, chat, script, **kw):
+        super().__init__(ScriptedSampler(chat, script), **kw)
+
+    @property
+    def requests(self):
+        return self.sampler.requests
+
+    @property
+    def loaded_weights(self):
+        return self.sampler.loaded_weights
 
 
 class ForceScript:

@@ -128,7 +128,7 @@ def test_resample_continues_from_the_fixed_prefix(chat, tools):
     [src] = engine.generate([Prompt("q", [_image()], answer="3")], SamplingSettings(), n=1)
     cut = src.tool_calls[0].open_end
     other_call = '{"name": "zoom", "arguments": {"bbox_2d": [16, 16, 32, 32]}}</tool_call>'
-    engine.script = lambda req, t: other_call if t == 0 else ANSWER
+    engine.sampler.script = lambda req, t: other_call if t == 0 else ANSWER
     [conts] = engine.resample([(src, cut)], k=3, sampling=SamplingSettings())
     assert len(conts) == 3
     for c in conts:
@@ -146,7 +146,7 @@ def test_resample_from_the_prompt_is_a_fresh_rollout(chat, tools):
     the prompt's KV), with nothing of the source's own turns."""
     engine = _engine(chat, tools, [ZOOM, ANSWER])
     [src] = engine.generate([Prompt("q", [_image()], answer="3")], SamplingSettings(), n=1)
-    engine.script = lambda req, t: [ZOOM, ANSWER][min(t, 1)]
+    engine.sampler.script = lambda req, t: [ZOOM, ANSWER][min(t, 1)]
     [conts] = engine.resample([(src, src.prompt_len)], k=2, sampling=SamplingSettings())
     for c in conts:
         assert c.stream == Stream.CONTINUATION and c.prefix_len == src.prompt_len and c.source_uid == src.uid

@@ -39,7 +39,7 @@ def test_batched_left_padded_prefill_matches_the_models_own_forward(policy):
     engine = TransformersEngine(policy, tools=default_registry())
     prompts = _prompts(policy, 3)
     reqs = [TurnRequest(i, engine.chat.prompt(p.question, p.images), p.images) for i, p in enumerate(prompts)]
-    batched = engine.first_token_logits(reqs)
+    batched = engine.sampler.first_token_logits(reqs)
     for i, (req, p) in enumerate(zip(reqs, prompts)):
         ids = torch.tensor([req.token_ids])
         kw = {}
@@ -103,21 +103,21 @@ def test_forked_prefix_gives_the_same_next_token_logits_as_a_recomputed_prefix(p
         reqs_fork.append(TurnRequest(100 + i, ids, r.images, fork_from=(r.uid, n)))
         reqs_fresh.append(TurnRequest(200 + i, ids, r.images))
     before = engine.stats["prefill_tokens_saved"]
-    forked = engine.first_token_logits(reqs_fork)
+    forked = engine.sampler.first_token_logits(reqs_fork)
     saved = engine.stats["prefill_tokens_saved"] - before
     assert saved == sum(len(q.token_ids) - 1 for q in reqs_fork)
-    fresh = engine.first_token_logits(reqs_fresh)
+    fresh = engine.sampler.first_token_logits(reqs_fresh)
     torch.testing.assert_close(forked, fresh, rtol=1e-4, atol=1e-4)
     # after a weight update the old KV is gone: a fork request falls back to a full prefill
     engine.load_weights(policy.model.state_dict())
     before = engine.stats["prefill_tokens_saved"]
-    torch.testing.assert_close(engine.first_token_logits(reqs_fork), fresh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine.sampler.first_token_logits(reqs_fork), fresh, rtol=1e-4, atol=1e-4)
     assert engine.stats["prefill_tokens_saved"] == before
 
 
 def test_tool_call_with_zoom_image_in_the_next_turn_then_resample_from_the_forked_cut(policy):
     engine = TransformersEngine(policy, tools=default_registry())
-    engine.logits_processor = ForceScript(engine.chat, [ZOOM, "<answer>3</answer><|im_end|>"])
+    engine.sampler.logits_processor = ForceScript(engine.chat, [ZOOM, "<answer>3</answer><|im_end|>"])
     sampling = SamplingSettings(max_new_tokens=120, seed=0)
     sources = engine.generate(_prompts(policy), sampling, n=2)
     for r in sources:
@@ -132,7 +132,7 @@ def test_tool_call_with_zoom_image_in_the_next_turn_then_resample_from_the_forke
             assert call.num_images == 0 and len(r.images) == 0
         assert r.reward == 1.0
     # resample from right after the first <tool_call> tag, with the forced script now free
-    engine.logits_processor = None
+    engine.sampler.logits_processor = None
     saved_before = engine.stats["prefill_tokens_saved"]
     cuts = [(r, r.tool_calls[0].open_end) for r in sources[:2]]
     groups = engine.resample(cuts, k=3, sampling=SamplingSettings(max_new_tokens=8, seed=1))

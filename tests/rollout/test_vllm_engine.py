@@ -185,9 +185,9 @@ def test_bad_input_is_refused_with_the_argument_named(engine, trained):
     policy, _ = trained
     sampling = _sampling()
     with pytest.raises(ValueError, match=r"requests\[1\].token_ids must be ints in \[0, "):
-        engine.sample_turns([TurnRequest(0, [1, 2]), TurnRequest(1, [1, 10 ** 6])], sampling, None)
+        engine.sampler.sample_turns([TurnRequest(0, [1, 2]), TurnRequest(1, [1, 10 ** 6])], sampling, None)
     with pytest.raises(ValueError, match=r"requests\[0\] has 1 image"):
-        engine.sample_turns([TurnRequest(0, [1, 2], images=[object()])], sampling, None)
+        engine.sampler.sample_turns([TurnRequest(0, [1, 2], images=[object()])], sampling, None)
     weights = policy.model.state_dict()
     with pytest.raises(ValueError, match="unknown parameter names"):
         engine.load_weights({"not.a.weight": torch.zeros(1)})
@@ -195,12 +195,12 @@ def test_bad_input_is_refused_with_the_argument_named(engine, trained):
     with pytest.raises(ValueError, match=f"weights\\['{name}'\\] must have shape"):
         engine.load_weights({name: torch.zeros(3)})
     with pytest.raises(ValueError, match="sleep_mode needs a CUDA device"):
-        VllmEngine(engine.model_path, sleep_mode=True)
+        VllmEngine(engine.sampler.model_path, sleep_mode=True)
 
 
 def test_out_of_room_rows_end_with_length_without_a_request(engine):
     sampling = _sampling(max_total_tokens=10, max_new_tokens=5)
-    [out] = engine.sample_turns([TurnRequest(0, list(range(1, 11)))], sampling, None)
+    [out] = engine.sampler.sample_turns([TurnRequest(0, list(range(1, 11)))], sampling, None)
     assert (out.token_ids, out.finish) == ([], "length")
 
 

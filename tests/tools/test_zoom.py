@@ -142,3 +142,19 @@ def test_bad_options(options, fragment):
         ZoomTool(**options)
     with pytest.raises(TypeError):
         zoom_tool(upscale=3)
+
+
+def test_relative_coordinates_are_thousandths_of_the_image():
+    """coordinates="relative" (Qwen3-VL's 0..1000 boxes): the same crop as the pixel box it scales to."""
+    image = Image.fromarray(np.arange(200 * 100 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8))
+    relative = ZoomTool(coordinates="relative")
+    pixel = ZoomTool()
+    ctx = ToolContext(images=[image])
+    a, b = relative(ctx, [250, 100, 500, 600]), pixel(ctx, [50, 10, 100, 60])
+    assert a.error is None and np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert relative(ctx, [0, 0, 1e308, 1e308]).error is None  # clipped to the image
+    assert relative(ToolContext(images=[image.resize((4000, 100))]), [0, 0, 1e308, 10]).error == "bad_arguments"
+    assert relative(ctx, [600, 0, 500, 10]).error == "bad_arguments"
+    assert "0..1000" in relative.tool().spec()["function"]["parameters"]["properties"]["bbox_2d"]["description"]
+    with pytest.raises(ValueError, match="coordinates must be one of"):
+        ZoomTool(coordinates="normalized")

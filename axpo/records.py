@@ -1,6 +1,8 @@
-"""The rollout record: what a rollout engine produces and what `axpo.algo` consumes.
+"""The plain records every layer shares: a question (`Prompt`) goes into the agent loop, a scored
+`Rollout` comes out, and `axpo.algo`, the trainer and the integrations consume it. No engine, no
+tokenizer, no I/O: this module imports nothing of axpo.
 
-Plain data (tensors, lists, strings); no engine, no tokenizer. Token-level layout of one rollout:
+Token-level layout of one rollout:
 
     [ prompt (trainable 0) | model turn 1 (1) | tool response 1 (0) | model turn 2 (1) | ... ]
 
@@ -16,7 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Stream", "Turn", "ToolCallRecord", "Rollout"]
+__all__ = ["Prompt", "Stream", "Turn", "ToolCallRecord", "Rollout"]
+
+
+@dataclass
+class Prompt:
+    """One question: text, images (PIL, shown before the text), the ground truth for the reward,
+    and the group id its rollouts get (None: its index in the batch)."""
+    question: str
+    images: list = field(default_factory=list)
+    answer: str | None = None
+    group_id: int | None = None
+    info: dict = field(default_factory=dict)
 
 
 class Stream(str, enum.Enum):

@@ -1,5 +1,6 @@
-"""The transformers rollout engine (the embedded default): batched sampling with a KV cache for
-Qwen3-VL and Qwen3 models, and resampling from forked prefix caches.
+"""The transformers sampler (the embedded default engine): batched sampling with a KV cache for
+Qwen3-VL and Qwen3 models, and resampling from forked prefix caches. `TransformersEngine` is the
+agent loop over it.
 
 One model turn of a batch: left-padded prefill (images preprocessed by axpo, `mm_token_type_ids`
 and Qwen3-VL's 3-D rope positions computed from the token layout), then a decode loop with
@@ -16,17 +17,18 @@ scale, use the vLLM engine, whose prefix cache does the same job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..models.inputs import batch_inputs
 from ..ops import fork_cache, token_logprob_entropy
+from .agent_loop import AgentLoop
 from .chat import ChatFormat
-from .engine import RolloutEngine, SamplingSettings, TurnOutput, TurnRequest
+from .sampler import Sampler, SamplingSettings, TurnOutput, TurnRequest, TurnStop, Weights, checked_weights, turn_budget
 
-__all__ = ["TransformersEngine"]
+__all__ = ["TransformersSampler", "TransformersEngine"]
 
 
 @dataclass
@@ -54,22 +56,21 @@ def _filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled
 
 
-class TransformersEngine(RolloutEngine):
-    """Rollouts with a transformers model.
+class TransformersSampler(Sampler):
+    """Model turns sampled with a transformers model.
 
     policy: an axpo.models.Policy (model, tokenizer, image preprocessor), e.g. from
         axpo.models.load_policy(path_or_hub_name) or policy_from_model(*build_tiny_policy()).
-    tools, reward_fn: see RolloutEngine. chat: a ChatFormat (default: no system prompt).
+    chat: a ChatFormat (default: ChatFormat.for_tokenizer(policy's tokenizer and preprocessor)).
     max_batch_size: rows per forward.
     logits_processor: optional fn(rows, logits) -> logits applied before sampling, where rows[b]
         is row b's tokens so far (conversation + this turn); e.g. constrained decoding. The
         recorded log-probs are those of the processed logits (what was sampled from).
     """
 
-    def __init__(self, policy, *, tools=None, reward_fn=None, chat: ChatFormat | None = None,
-                 max_batch_size: int = 64, logits_processor=None):
-        chat = chat or ChatFormat(policy.tokenizer, policy.image_processor)
-        super().__init__(chat, tools=tools, reward_fn=reward_fn)
+    def __init__(self, policy, *, chat: ChatFormat | None = None, max_batch_size: int = 64,
+                 logits_processor=None):
+        super().__init__(chat or ChatFormat.for_tokenizer(policy.tokenizer, policy.image_processor))
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         self.policy = policy
@@ -80,29 +81,18 @@ class TransformersEngine(RolloutEngine):
         if self.is_vision and policy.image_processor is None:
             raise ValueError("policy.image_processor is required for a vision-language model")
         self._retained: dict[int, tuple[_Batch, int]] = {}
-        # placeholders the vision tower fills: a sampled one would make the next prefill's image
-        # tokens disagree with its images, so they are never sampled (random tiny models do)
-        vocab = self.model.config.get_text_config().vocab_size
-        banned = {getattr(self.model.config, k, None) for k in
-                  ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-        self._banned = torch.tensor(sorted(i for i in banned if isinstance(i, int) and 0 <= i < vocab), dtype=torch.int64)
+        self._banned = torch.tensor(sorted(self.chat.vision_placeholder_ids), dtype=torch.int64)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # -- weights and retained KV ------------------------------------------------------------------
-    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
-        items = dict(weights.items() if isinstance(weights, Mapping) else weights)
+    def load_weights(self, weights: Weights) -> None:
         own = self.model.state_dict()
-        unknown = sorted(set(items) - set(own))
-        if unknown:
-            raise ValueError(f"weights: unknown parameter names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-        for name, value in items.items():
-            if tuple(value.shape) != tuple(own[name].shape):
-                raise ValueError(f"weights[{name!r}] must have shape {tuple(own[name].shape)}, got {tuple(value.shape)}")
+        items = checked_weights(weights, {name: tuple(t.shape) for name, t in own.items()})
         with torch.no_grad():
-            for name, value in items.items():
+            for name, value in items:
                 own[name].copy_(value)
         self.release()  # KV computed with the old weights must not be forked
 
@@ -232,13 +222,12 @@ class TransformersEngine(RolloutEngine):
                 generator) -> list[TurnOutput]:
         chat, device = self.chat, self.device
         bsz = len(reqs)
-        budget = [min(sampling.max_new_tokens, sampling.max_total_tokens - len(r.token_ids)) for r in reqs]
-        gen = [[] for _ in reqs]
+        budget = [turn_budget(r, sampling) for r in reqs]
+        stops = [TurnStop(chat, r) for r in reqs]
+        gen = [stop.tokens for stop in stops]
         lps = [[] for _ in reqs]
         ents = [[] for _ in reqs]
         finish = ["length" if budget[b] <= 0 else None for b in range(bsz)]
-        open_seen = [r.in_tool_call for r in reqs]
-        open_tag, close_tag = list(chat.tool_call_open), list(chat.tool_call_close)
         next_pos = batch.positions.amax(dim=(0, 2)) + 1  # [B]
         # mask and positions grow by one column per step: written into buffers sized for the turn
         t = batch.mask.shape[1]
@@ -255,20 +244,14 @@ class TransformersEngine(RolloutEngine):
                 if finish[b] is not None:
                     continue
                 tok = int(host[0][b])
-                gen[b].append(tok)
                 lps[b].append(host[1][b])
                 ents[b].append(host[2][b])
                 self.stats["generated_tokens"] += 1
-                if tok in chat.eos_ids:
-                    finish[b] = "eos"
-                elif gen[b][-len(close_tag):] == close_tag and open_seen[b]:
-                    finish[b] = "tool_call"
-                elif len(gen[b]) >= budget[b]:
+                finish[b] = stops[b].push(tok)
+                if finish[b] is None and len(gen[b]) >= budget[b]:
                     finish[b] = "length"
-                else:
+                if finish[b] is None:
                     batch.fed[b].append(tok)
-                    if (reqs[b].token_ids[-len(open_tag):] + gen[b])[-len(open_tag):] == open_tag:
-                        open_seen[b] = True
             if all(f is not None for f in finish):
                 break
             # feed the sampled tokens of the rows still running (finished rows: masked padding)
@@ -282,3 +265,12 @@ class TransformersEngine(RolloutEngine):
             next_pos = next_pos + running.to(next_pos.dtype)
         batch.mask, batch.positions = mask[:, :t], positions[:, :, :t]
         return [TurnOutput(gen[b], lps[b], ents[b], finish[b]) for b in range(bsz)]
+
+
+class TransformersEngine(AgentLoop):
+    """The agent loop over a TransformersSampler: TransformersEngine(policy, tools=, reward_fn=, answer_fn=,
+    chat=..., max_batch_size=..., logits_processor=...)."""
+
+    def __init__(self, policy, *, tools=None, reward_fn=None, answer_fn=None, **sampler_options):
+        super().__init__(TransformersSampler(policy, **sampler_options), tools=tools, reward_fn=reward_fn,
+                         answer_fn=answer_fn)

@@ -1,5 +1,5 @@
-"""The vLLM rollout engine: the same agent loop as the transformers engine, each model turn sampled
-by vLLM's offline `LLM` from token ids, with automatic prefix caching doing what `fork_cache` does
+"""The vLLM sampler (`VllmEngine` is the agent loop over it): each model turn sampled by vLLM's
+offline `LLM` from token ids, with automatic prefix caching doing what `fork_cache` does
 there.
 
 - One model turn of a batch: rows whose prompts are identical (the G rollouts of a question, the
@@ -33,15 +33,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor
 
+from .agent_loop import AgentLoop
 from .chat import ChatFormat
-from .engine import RolloutEngine, SamplingSettings, TurnOutput, TurnRequest
+from .sampler import Sampler, SamplingSettings, TurnOutput, TurnRequest, TurnStop, Weights, checked_weights, turn_budget
 
-__all__ = ["VllmEngine"]
+__all__ = ["VllmSampler", "VllmEngine"]
 
 _PREFIX_QUERIES, _PREFIX_HITS = "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"
 
@@ -53,10 +53,13 @@ class _Row:
     prompt: list[int]
     images: list
     budget: int
-    open_seen: bool
+    stop: TurnStop
     fork: bool
-    gen: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def gen(self) -> list[int]:
+        return self.stop.tokens
 
 
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -72,19 +75,13 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _contains(seq: list[int], tag: tuple[int, ...]) -> bool:
-    n = len(tag)
-    return any(tuple(seq[i:i + n]) == tag for i in range(len(seq) - n + 1))
-
-
-class VllmEngine(RolloutEngine):
-    """Rollouts with vLLM.
+class VllmSampler(Sampler):
+    """Model turns sampled with vLLM.
 
     model: a local directory (or hub name) of a Qwen3 / Qwen3-VL checkpoint in safetensors; the
         starting weights (`load_weights` replaces them).
-    chat: a ChatFormat (default: built from the model's tokenizer and preprocessor config; a
-        tokenizer in `model/tokenizer`, as axpo.models.save_policy writes it, is used first).
-    tools, reward_fn: see RolloutEngine.
+    chat: a ChatFormat (default: ChatFormat.for_tokenizer of the model's tokenizer and preprocessor
+        config; a tokenizer in `model/tokenizer`, as axpo.models.save_policy writes it, is used first).
     tensor_parallel_size, gpu_memory_utilization, max_model_len (None: the model's), enforce_eager,
     dtype, block_size (None: vLLM's default; on CPU a multiple of 32), seed: vLLM's engine args.
     colocate: True runs vLLM's engine core in this process (weights are loaded in place, nothing
@@ -95,9 +92,8 @@ class VllmEngine(RolloutEngine):
     engine_kwargs: any other `vllm.LLM` argument.
     """
 
-    def __init__(self, model: str, *, chat: ChatFormat | None = None, tools=None, reward_fn=None,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 max_model_len: int | None = None, enforce_eager: bool = False, dtype: str = "auto",
+    def __init__(self, model: str, *, chat: ChatFormat | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None, enforce_eager: bool = False, dtype: str = "auto",
                  block_size: int | None = None, seed: int = 0, colocate: bool = True, sleep_mode: bool = False,
                  cpu_kvcache_gib: int = 1, engine_kwargs: dict | None = None):
         try:
@@ -109,8 +105,8 @@ class VllmEngine(RolloutEngine):
         if chat is None:
             from ..models.loading import load_chat_parts
 
-            chat = ChatFormat(*load_chat_parts(model))
-        super().__init__(chat, tools=tools, reward_fn=reward_fn)
+            chat = ChatFormat.for_tokenizer(*load_chat_parts(model))
+        super().__init__(chat)
         if len(chat.tool_call_close) != 1:
             raise ValueError("the vLLM engine stops turns on the `</tool_call>` token, so the tokenizer must encode "
                              f"it as one token (Qwen's do), got {list(chat.tool_call_close)}")
@@ -151,24 +147,14 @@ class VllmEngine(RolloutEngine):
         self._close_id = chat.tool_call_close[0]
         # vision placeholders are never sampled (a sampled one would break the next turn's images);
         # the processed log-probs then exclude them, a difference of their (tiny) probability mass
-        if chat.image_processor is not None:
-            self._logit_bias = {t: -100.0 for t in {chat.image_pad, *chat.encode("<|vision_start|>"),
-                                                    *chat.encode("<|vision_end|>")}}
-        else:
-            self._logit_bias = None
+        self._logit_bias = {t: -100.0 for t in sorted(chat.vision_placeholder_ids)} or None
 
     # -- weights, sleep ---------------------------------------------------------------------------
-    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
-        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+    def load_weights(self, weights: Weights) -> None:
         if self._shapes is not None:
-            unknown = sorted({n for n, _ in items} - set(self._shapes))
-            if unknown:
-                raise ValueError(f"weights: unknown parameter names {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
-                                 f"(not in the checkpoint at {self.model_path})")
-            for name, value in items:
-                if tuple(value.shape) != self._shapes[name]:
-                    raise ValueError(f"weights[{name!r}] must have shape {self._shapes[name]}, "
-                                     f"got {tuple(value.shape)}")
+            items = checked_weights(weights, self._shapes, f" (not in the checkpoint at {self.model_path})")
+        else:
+            items = list(weights.items() if isinstance(weights, Mapping) else weights)
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
         if self.colocate:
@@ -232,13 +218,12 @@ class VllmEngine(RolloutEngine):
         rows = []
         for i, req in enumerate(requests):
             self._check(i, req)
-            n = len(req.token_ids)
-            budget = min(sampling.max_new_tokens, sampling.max_total_tokens - n, self.max_model_len - n)
+            budget = turn_budget(req, sampling, self.max_model_len)
             if budget <= 0:
                 outputs[i] = TurnOutput([], [], None, "length")
                 continue
             images = self._images(req.images) if req.images else []
-            rows.append(_Row(i, list(req.token_ids), images, budget, req.in_tool_call, req.fork_from is not None))
+            rows.append(_Row(i, list(req.token_ids), images, budget, TurnStop(self.chat, req), req.fork_from is not None))
         while rows:
             # resample requests go in their own call so their prefix-cache hits are counted apart
             forks, others = [r for r in rows if r.fork], [r for r in rows if not r.fork]
@@ -255,7 +240,7 @@ class VllmEngine(RolloutEngine):
         groups: dict[tuple, list[_Row]] = {}
         for row in rows:
             key = (tuple(row.prompt + row.gen), tuple(id(im) for im in row.images), row.budget - len(row.gen),
-                   row.open_seen)
+                   row.stop.open_seen)
             groups.setdefault(key, []).append(row)
         prompts, params = [], []
         for group in groups.values():
@@ -280,31 +265,26 @@ class VllmEngine(RolloutEngine):
             self.stats["resample_prompt_tokens"] += queries
             self.stats["resample_prefill_tokens_saved"] += hits
         again = []
-        open_tag = self.chat.tool_call_open
         for group, result in zip(groups.values(), results):
             outs = result.outputs * len(group) if sampling.temperature == 0 else result.outputs
             for row, out in zip(group, outs):
                 tokens = list(out.token_ids)
                 self.stats["generated_tokens"] += len(tokens)
                 row.logprobs += [lp[t].logprob for lp, t in zip(out.logprobs, tokens)]
-                tail = row.prompt[len(row.prompt) - len(open_tag) + 1:] if len(open_tag) > 1 else []
-                row.gen += tokens
+                finish = None
+                for token in tokens:  # vLLM stopped at the last one at most: replay the stop rule
+                    finish = row.stop.push(token)
                 if out.finish_reason == "length":
                     finish = "length"
                 elif out.finish_reason != "stop":
                     raise RuntimeError(f"vLLM ended a request with finish_reason={out.finish_reason!r}")
-                elif tokens and tokens[-1] == self._close_id and out.stop_reason == self._close_id:
-                    if row.open_seen or _contains(tail + row.gen[:-1], open_tag):
-                        finish = "tool_call"
-                    elif len(row.gen) < row.budget:
-                        # a `</tool_call>` with no call opened in this turn does not end it
+                elif finish is None:
+                    # a `</tool_call>` with no call opened in this turn does not end it
+                    if len(row.gen) < row.budget:
                         again.append(row)
                         continue
-                    else:
-                        finish = "length"
-                else:
-                    finish = "eos"
-                outputs[row.index] = TurnOutput(row.gen, row.logprobs, None, finish)
+                    finish = "length"
+                outputs[row.index] = TurnOutput(list(row.gen), row.logprobs, None, finish)
         return again
 
     def shutdown(self) -> None:
@@ -318,3 +298,12 @@ class VllmEngine(RolloutEngine):
             shutil.rmtree(self._sync_dir, ignore_errors=True)
             self._sync_dir = None
 
+
+
+class VllmEngine(AgentLoop):
+    """The agent loop over a VllmSampler: VllmEngine(model_dir, tools=..., reward_fn=..., chat=...,
+    and VllmSampler's engine options)."""
+
+    def __init__(self, model: str, *, tools=None, reward_fn=None, answer_fn=None, **sampler_options):
+        super().__init__(VllmSampler(model, **sampler_options), tools=tools, reward_fn=reward_fn,
+                         answer_fn=answer_fn)
