@@ -210,7 +210,9 @@ class TemplateChat(ChatFormat):
         super().__init__(tokenizer, image_processor, system_prompt=system_prompt, tool_specs=tool_specs)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("TemplateChat needs a tokenizer with a chat_template")
-        self._tool_response_text("", 0)  # fails here, not mid-rollout, if the template does not fit
+        self._bounds: dict[int, tuple[str, str]] = {}
+        for num_images in (0, 1) if image_processor is not None else (0,):
+            self._tool_response_text("", num_images)  # fails here, not mid-rollout, if the template does not fit
         # the generation prompt alone, e.g. "<|im_start|>assistant\n<think>\n"
         head = self._render(self._head() + [self._user(self._QUESTION, 0)], generation_prompt=False)
         self.generation_prompt = self._render(self._head() + [self._user(self._QUESTION, 0)])[len(head):]
@@ -234,17 +236,21 @@ class TemplateChat(ChatFormat):
 
     def _tool_response_text(self, text: str, num_images: int) -> tuple[str, str, str]:
         base = self._head() + [self._user(self._QUESTION, 0), {"role": "assistant", "content": self._ASSISTANT}]
+        if num_images not in self._bounds:  # the template's text around a tool message's text
+            bounds = self._render(base + [self._user(self._ASSISTANT, num_images, role="tool")])
+            if bounds.count(self._ASSISTANT) != 2:
+                raise ValueError("the chat template does not render an assistant message followed by a tool "
+                                 "message in a form axpo can split (Qwen's chat layout expected)")
+            self._bounds[num_images] = tuple(bounds[bounds.index(self._ASSISTANT) + len(self._ASSISTANT):]
+                                             .split(self._ASSISTANT))
+        before, after = self._bounds[num_images]
+        # the text as the template places it (trimmed, if it trims); the first placeholder is the
+        # assistant's (the tool's text, untrusted, comes after it and may contain anything)
         rendered = self._render(base + [self._user(text, num_images, role="tool")])
-        bounds = self._render(base + [self._user(self._ASSISTANT, num_images, role="tool")])
-        if bounds.count(self._ASSISTANT) != 2:
-            raise ValueError("the chat template does not render an assistant message followed by a tool message "
-                             "in a form axpo can split (Qwen's chat layout expected)")
-        # the first placeholder is the assistant's (the tool's text, untrusted, comes after it)
         rendered = rendered[rendered.index(self._ASSISTANT) + len(self._ASSISTANT):]
-        before, after = bounds[bounds.index(self._ASSISTANT) + len(self._ASSISTANT):].split(self._ASSISTANT)
-        if not (rendered.startswith(before) and rendered.endswith(after) and len(rendered) >= len(before) + len(after)):
-            raise ValueError("the chat template renders a tool message's text in a way axpo cannot locate")
-        return before, rendered[len(before):len(rendered) - len(after)], after
+        if rendered.startswith(before) and rendered.endswith(after) and len(rendered) >= len(before) + len(after):
+            text = rendered[len(before):len(rendered) - len(after)]
+        return before, text, after
 
     def model_turn(self, think: str | None, content: str) -> str:
         """As the template renders an assistant message reasoning `think` then writing `content`

