@@ -144,13 +144,13 @@ class RolloutConfig:
 class ToolsConfig:
     # the run's tools (axpo.tools.TOOLS), in the order the prompt lists them; the one registry
     # built from this section serves rollouts, SFT traces and evaluation
-    names: list = field(default_factory=lambda: ["zoom", "python"])
+    names: list = field(default_factory=lambda: list(TOOLS))
     # list the tools' specs in the system turn. null: when the tokenizer has a chat template (a
     # released model calls tools because its template announces them); the tiny built-in model
     # has none and learns the call format from its warm-start traces instead
     announce: bool | None = None
     max_result_chars: int = 4000  # a longer tool result is cut (marked in the text)
-    zoom: dict = field(default_factory=dict)    # ZoomTool options: scale, min_side, max_side, max_pixels
+    zoom: dict = field(default_factory=dict)    # ZoomTool options: scale, min_side, max_side, max_pixels, coordinates
     python: dict = field(default_factory=dict)  # PythonSandbox limits: timeout_s, cpu_s, memory_mb, ...
 
 
