@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser(
         "bench", help="benchmark an op family against the PyTorch reference",
         description="Extra arguments go to the family's script (axpo bench logprob_entropy --help).",
+        allow_abbrev=False,  # the scripts' own short options (--h, --n, --v) must not match --help
     )
     bench.add_argument("family", nargs="?", default="logprob_entropy", choices=BENCH_FAMILIES)
     overrides = "config overrides as dotted key=value (e.g. rl.steps=10 rl.algorithm=grpo); see configs/tiny-cpu.yaml"

@@ -4,7 +4,7 @@
 //   d  = logp - old;  dc = clamp(d, -20, 20);  r = exp(dc)
 //   pg1 = -A * r;  pg2 = -A * clamp(r, lo, hi);  c1 = max(pg1, pg2)
 //   dual clip (dual_c > 0) and A < 0:  pg = min(c1, -A * dual_c);  else pg = c1
-//   kl (kl_estimator 1/2/3 = k1/k2/k3, 0 = no ref): k1 = logp - ref, k2 = (logp - ref)^2 / 2,
+//   kl (kl_estimator 1/2/3/4 = k1/k2/k3/k3 * r, 0 = no ref): k1 = logp - ref, k2 = (logp - ref)^2 / 2,
 //      k3 = exp(ref - logp) - (ref - logp) - 1
 // Tokens with mask == 0 contribute nothing (their values are never combined with anything).
 //

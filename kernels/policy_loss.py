@@ -7,7 +7,7 @@ else fp32):
     d = logp - old,  dc = clamp(d, -20, 20),  r = exp(dc)
     pg1 = -A r,  pg2 = -A clamp(r, lo, hi),  c1 = max(pg1, pg2)
     pg = min(c1, -A c) where A < 0 and the dual clip is on, else c1
-    kl = k1 | k2 | k3 of (logp, ref)
+    kl = k1 | k2 | k3 of (logp, ref), or k3 * r
 
 The forward is one elementwise pass over a [B, T] grid of tiles that writes per-tile sums
 (pg, kl, count, clip counts, -dc, r over the masked tokens), reduced to per-row sums on the host.
@@ -64,26 +64,33 @@ def _token_terms(lp, old, a, lo, hi, c, DUAL: tl.constexpr):
 
 
 @triton.jit
-def _kl_value(lp, ref, KL: tl.constexpr):
+def _kl_value(lp, ref, r, KL: tl.constexpr):
     if KL == 1:
         out = lp - ref
     elif KL == 2:
         x = lp - ref
         out = 0.5 * (x * x)
-    else:
+    elif KL == 3:
         x = ref - lp
         out = tl.exp(x) - x - 1.0
+    else:  # k3 * r (r: the clamped ratio)
+        x = ref - lp
+        out = (tl.exp(x) - x - 1.0) * r
     return out
 
 
 @triton.jit
-def _kl_grad(lp, ref, KL: tl.constexpr):
+def _kl_grad(lp, ref, r, in_clamp, KL: tl.constexpr):
     if KL == 1:
         out = tl.full(lp.shape, 1.0, lp.dtype)
     elif KL == 2:
         out = lp - ref
-    else:
+    elif KL == 3:
         out = 1.0 - tl.exp(ref - lp)
+    else:  # d(k3 r): dr / dlogp = r inside the ratio clamp, 0 outside
+        x = ref - lp
+        e = tl.exp(x)
+        out = (1.0 - e) * r + tl.where(in_clamp, (e - x - 1.0) * r, 0.0 * r)
     return out
 
 
@@ -123,7 +130,7 @@ def _pl_fwd_kernel(
     hi_in: tl.float64,
     c_in: tl.float64,
     ACC: tl.constexpr,
-    KL: tl.constexpr,  # 0: no ref, 1 / 2 / 3: k1 / k2 / k3
+    KL: tl.constexpr,  # 0: no ref, 1 / 2 / 3 / 4: k1 / k2 / k3 / k3 * ratio
     DUAL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -154,7 +161,7 @@ def _pl_fwd_kernel(
     s_nk = tl.sum(tl.where(m, -dc, zero), axis=0)
     s_r = tl.sum(tl.where(m, r, zero), axis=0)
     if KL != 0:
-        s_kl = tl.sum(tl.where(m, _kl_value(lp, ref, KL), zero), axis=0)
+        s_kl = tl.sum(tl.where(m, _kl_value(lp, ref, r, KL), zero), axis=0)
     else:
         s_kl = tl.sum(zero, axis=0)
     stride_stat = n_rows * n_tiles
@@ -190,7 +197,7 @@ def _pl_bwd_kernel(
     hi_in: tl.float64,
     c_in: tl.float64,
     ACC: tl.constexpr,
-    KL: tl.constexpr,  # 0: no KL gradient, 1 / 2 / 3: k1 / k2 / k3
+    KL: tl.constexpr,  # 0: no KL gradient, 1 / 2 / 3 / 4: k1 / k2 / k3 / k3 * ratio
     DUAL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -221,7 +228,7 @@ def _pl_bwd_kernel(
     out = g_pg * dpg
     if KL != 0:
         g_kl = tl.load(g_ptr + n_rows + row)
-        out += g_kl * _kl_grad(lp, ref, KL)
+        out += g_kl * _kl_grad(lp, ref, r, in_clamp, KL)
     out = tl.where(m, out, zero)
     tl.store(grad_ptr + row * s_g_b + offs * s_g_t, out.to(grad_ptr.dtype.element_ty), mask=valid)
 
@@ -232,7 +239,7 @@ def _check(logp, old, adv, mask, ref, kl_estimator):
     for name, t in (("old", old), ("adv", adv), ("mask", mask)):
         assert tuple(t.shape) == shape, f"{name} must be {shape}, got {tuple(t.shape)}"
     assert mask.dtype == torch.uint8, "mask must be uint8"
-    assert kl_estimator in (0, 1, 2, 3), "kl_estimator must be 0, 1, 2 or 3"
+    assert kl_estimator in (0, 1, 2, 3, 4), "kl_estimator must be 0, 1, 2, 3 or 4"
     if kl_estimator:
         assert tuple(ref.shape) == shape, f"ref must be {shape}, got {tuple(ref.shape)}"
 
@@ -252,7 +259,7 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         mask: [B, T] uint8, any strides.
         lo, hi: the ratio clip range [1 - clip_low, 1 + clip_high].
         dual_c: clip_ratio_c of the dual clip, or <= 0 for none.
-        kl_estimator: 0 (no ref), 1, 2, 3 (k1, k2, k3).
+        kl_estimator: 0 (no ref), 1, 2, 3, 4 (k1, k2, k3, k3 * ratio).
 
     Returns:
         [8, B] acc dtype (fp64 for fp64 logp, else fp32): pg_sum, kl_sum, count, clip_low,

@@ -77,6 +77,16 @@ def test_axpo_info_when_extension_missing():
     assert "lp -1.386" in out
 
 
+def test_axpo_bench_passes_the_scripts_short_options_through(monkeypatch):
+    """`--h 256` is the benchmark's hidden size, not an abbreviation of axpo bench's --help."""
+    import axpo.benchmarks.bench_logprob_entropy as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda rest: seen.append(rest) or 0)
+    assert axpo_main(["bench", "logprob_entropy", "--op", "linear", "--h", "256", "--n", "8"]) == 0
+    assert seen == [["--op", "linear", "--h", "256", "--n", "8"]]
+
+
 def test_axpo_bench_rejects_unknown_family(capsys):
     with pytest.raises(SystemExit):
         axpo_main(["bench", "nosuchop"])

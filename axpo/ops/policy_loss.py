@@ -25,7 +25,7 @@ _OP = "policy_loss"
 _FAMILY = "policy_loss"
 AGG_MODES = reference.AGG_MODES
 KL_ESTIMATORS = reference.KL_ESTIMATORS
-_KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
+_KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "k3_ratio": 4}
 # rows of the per-row sums (csrc/policy_loss.h)
 PG, KL, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, NEG_KL, RATIO = range(8)
 
@@ -237,7 +237,9 @@ def policy_loss(
     Per token: ratio = exp(clamp(logp - old, -20, 20));
     pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with clip_ratio_c (dual
     clip, > 1), where A < 0: pg = min(pg, -A clip_ratio_c); plus kl_coef * KL(logp, ref) with
-    k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+    k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1, or
+    k3_ratio = k3 * ratio (k3 importance-weighted from the old to the current policy; TRL's
+    use_bias_correction_kl), whose gradient includes that of the ratio.
     Same numbers as verl's compute_policy_loss + agg_loss (verl/trainer/ppo/core_algos.py).
 
     Args:

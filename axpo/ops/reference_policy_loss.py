@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_dual", "approx_kl",
                 "ratio_mean", "kl_mean")
 
@@ -74,9 +74,13 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str,
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+               ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate: k1 = logp - ref, k2 = (logp - ref)^2 / 2,
-    k3 = exp(ref - logp) - (ref - logp) - 1."""
+    k3 = exp(ref - logp) - (ref - logp) - 1, k3_ratio = k3 * ratio (ratio = pi / pi_old, clamped as
+    the loss's: k3 importance-weighted to the current policy, TRL's use_bias_correction_kl)."""
+    if estimator == "k3_ratio":
+        return kl_penalty(logprobs, ref_logprobs, "k3") * ratio
     if estimator == "k1":
         return logprobs - ref_logprobs
     if estimator == "k2":
@@ -154,7 +158,7 @@ def policy_loss(
         "ratio_mean": masked_mean(ratio, response_mask),
     }
     if ref_logprobs is not None:
-        kld = kl_penalty(log_prob, ref_logprobs.to(dt), kl_estimator)
+        kld = kl_penalty(log_prob, ref_logprobs.to(dt), kl_estimator, ratio)
         metrics["kl_mean"] = masked_mean(kld, response_mask)
         if kl_coef != 0:
             loss_mat = loss_mat + kl_coef * kld

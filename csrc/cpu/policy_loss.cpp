@@ -71,19 +71,29 @@ struct Token {
   }
 };
 
-// kl (kKl = 1, 2, 3: k1, k2, k3) and its derivative w.r.t. logp.
+// kl (kKl = 1, 2, 3, 4: k1, k2, k3, k3 * r) and its derivative w.r.t. logp; r is the token's
+// clamped ratio, in_clamp its 1 / 0 flag (dr / dlogp = r inside the clamp, 0 outside).
 template <typename acc_t, int kKl>
-AXPO_CPU_INLINE acc_t kl_value(acc_t lp, acc_t ref) {
+AXPO_CPU_INLINE acc_t kl_value(acc_t lp, acc_t ref, acc_t r) {
   if constexpr (kKl == 1) return lp - ref;
   if constexpr (kKl == 2) { const acc_t x = lp - ref; return acc_t(0.5) * (x * x); }
-  if constexpr (kKl == 3) { const acc_t x = ref - lp; return pl_exp(x) - x - acc_t(1); }
+  if constexpr (kKl == 3 || kKl == 4) {
+    const acc_t x = ref - lp;
+    const acc_t k3 = pl_exp(x) - x - acc_t(1);
+    return kKl == 4 ? k3 * r : k3;
+  }
   return acc_t(0);
 }
 template <typename acc_t, int kKl>
-AXPO_CPU_INLINE acc_t kl_grad(acc_t lp, acc_t ref) {
+AXPO_CPU_INLINE acc_t kl_grad(acc_t lp, acc_t ref, acc_t r, acc_t in_clamp) {
   if constexpr (kKl == 1) return acc_t(1);
   if constexpr (kKl == 2) return lp - ref;
   if constexpr (kKl == 3) return acc_t(1) - pl_exp(ref - lp);
+  if constexpr (kKl == 4) {
+    const acc_t x = ref - lp;
+    const acc_t e = pl_exp(x);
+    return (acc_t(1) - e) * r + (e - x - acc_t(1)) * (in_clamp * r);
+  }
   return acc_t(0);
 }
 
@@ -127,7 +137,7 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
         const acc_t clipped = tok.pg2 > tok.pg1 ? mf : acc_t(0);  // masked flag
         buf[0][j] = m ? tok.pg : acc_t(0);
         acc_t klv = acc_t(0);
-        if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(lp, ref_row[t]);
+        if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(lp, ref_row[t], tok.r);
         buf[1][j] = m ? klv : acc_t(0);
         buf[2][j] = mf;
         buf[3][j] = clipped * tok.neg;
@@ -174,7 +184,7 @@ AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t
         const acc_t a = kAdvRow ? a_row : adv_row[t];
         const Token<acc_t, kDual> tok(lp, old_row[t], a, k);
         acc_t d = g_pg * tok.grad(k);
-        if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(lp, ref_row[t]);
+        if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(lp, ref_row[t], tok.r, tok.in_clamp);
         buf[j] = m ? d : acc_t(0);
       }
 #pragma omp simd
@@ -190,6 +200,7 @@ AXPO_CPU_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t
     case 1: fwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
     case 2: fwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
     case 3: fwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 4: fwd_rows<scalar_t, acc_t, 4, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
     default: fwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
   }
 }
@@ -201,6 +212,7 @@ AXPO_CPU_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const
     case 1: bwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
     case 2: bwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
     case 3: bwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 4: bwd_rows<scalar_t, acc_t, 4, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
     default: bwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
   }
 }
@@ -274,8 +286,8 @@ Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at::Tensor
                   (logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble ||
                    logp.scalar_type() == at::kBFloat16 || logp.scalar_type() == at::kHalf),
               "logp must be fp16, bf16, fp32 or fp64, got ", logp.scalar_type());
-  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, "kl_estimator must be 0 (none), 1, 2 or 3, got ",
-              kl_estimator);
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 4,
+              "kl_estimator must be 0 (none), 1, 2, 3 or 4 (k1, k2, k3, k3 * ratio), got ", kl_estimator);
   const int64_t B = logp.size(0), T = logp.size(1);
   const auto acc = pl_acc_type(logp.scalar_type());
   check_bt(logp, "logp", B, T, logp.scalar_type());

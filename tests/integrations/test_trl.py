@@ -113,10 +113,11 @@ TOL = {torch.float32: (2e-6, 2e-5), torch.float64: (1e-12, 1e-10)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("beta", [0.0, 0.05], ids=["nokl", "kl"])
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, False), (0.05, False), (0.05, True)],
+                         ids=["nokl", "k3", "k3ratio"])  # TRL's default: k3 * ratio
 @pytest.mark.parametrize("lm_head", [False, True], ids=["trlhead", "axpohead"])
-def test_loss_and_grads_match_trl(model_dir, tmp_path, dtype, beta, lm_head):
-    kw = dict(beta=beta, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False)
+def test_loss_and_grads_match_trl(model_dir, tmp_path, dtype, beta, bias_correction, lm_head):
+    kw = dict(beta=beta, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=bias_correction)
     ref = _trainer(GRPOTrainer, GRPOConfig, model_dir, tmp_path / "ref", dtype, **kw)
     ours = _trainer(AxpoGRPOTrainer, AxpoGRPOConfig, model_dir, tmp_path / "ours", dtype, axpo_lm_head=lm_head,
                     **kw)
@@ -180,7 +181,7 @@ def test_lm_head_logps_and_entropies_match_trl(model_dir, tmp_path, dtype):
 def test_real_generated_batch(model_dir, tmp_path):
     """One real `_generate_and_score_completions` batch (TRL's generation, rewards, advantages,
     ref log-probs; on-policy, so ratio == 1 exactly: the clip's tie case) through both losses."""
-    kw = {"beta": 0.05, "use_bias_correction_kl": False, "epsilon_high": 0.28}
+    kw = {"beta": 0.05, "epsilon_high": 0.28}  # TRL's default KL: k3 * ratio
     ref = _trainer(GRPOTrainer, GRPOConfig, model_dir, tmp_path / "ref", **kw)
     ours = _trainer(AxpoGRPOTrainer, AxpoGRPOConfig, model_dir, tmp_path / "ours", axpo_lm_head=True, **kw)
     torch.manual_seed(0)
@@ -206,9 +207,13 @@ def test_config_validates_method():
         AxpoGRPOConfig(output_dir="/tmp/x", axpo_method="nope", use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="score"):
         AxpoGRPOConfig(output_dir="/tmp/x", axpo_score="nope", use_cpu=True, report_to="none")
-    with pytest.warns(UserWarning, match="does not implement resampling"):
-        cfg = AxpoGRPOConfig(output_dir="/tmp/x", axpo_method="axpo", axpo_k=2, use_cpu=True, report_to="none")
-    assert cfg.axpo_config().k == 2 and cfg.axpo_config().algorithm == "axpo"
+    cfg = AxpoGRPOConfig(output_dir="/tmp/x", axpo_method="axpo", axpo_k=2, use_cpu=True, report_to="none")
+    assert cfg.axpo_resamples and cfg.axpo_config().k == 2 and cfg.axpo_config().algorithm == "axpo"
+    assert cfg.axpo_config().eps == 1e-4 and cfg.axpo_config().advantage_scale == "std"  # TRL's normalization
+    cfg = AxpoGRPOConfig(output_dir="/tmp/x", axpo_method="axpo", scale_rewards="none", use_cpu=True,
+                         report_to="none")
+    assert cfg.axpo_config().advantage_scale == "none"
+    assert not AxpoGRPOConfig(output_dir="/tmp/x", use_cpu=True, report_to="none").axpo_resamples
 
 
 def test_train_two_steps(model_dir, tmp_path):

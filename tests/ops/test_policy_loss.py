@@ -91,7 +91,7 @@ def test_matches_reference(any_backend, agg, dual, adv_dim):
         assert metrics["clipfrac_dual"] == 0
 
 
-@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("kl_estimator", R.KL_ESTIMATORS)
 @pytest.mark.parametrize("kl_coef", [0.0, 0.3])
 def test_kl_estimators(any_backend, kl_estimator, kl_coef):
     backend, device = any_backend
@@ -337,11 +337,28 @@ def test_large_log_ratio_and_k3_overflow(any_backend):
     assert math.isinf(metrics["kl_mean"].item()) and torch.isfinite(loss) and torch.isfinite(g).all()
 
 
+def test_k3_ratio_is_k3_weighted_by_the_clamped_ratio(any_backend):
+    """k3_ratio = k3 * ratio (TRL's use_bias_correction_kl), in the loss with its gradient through
+    the ratio (which stops outside the [-20, 20] log-ratio clamp)."""
+    backend, device = any_backend
+    inputs = make_inputs(B=2, T=20, device=device, with_ref=True, empty_row=False)
+    inputs["old_logprobs"][0, :3] = inputs["logprobs"][0, :3] + torch.tensor([25.0, -21.0, 0.5], device=device)
+    _, m_ratio, _ = check(backend, inputs, kl_coef=0.3, kl_estimator="k3_ratio")
+    lp, old, ref, mask = (inputs[k].double() for k in ("logprobs", "old_logprobs", "ref_logprobs", "mask"))
+    ratio = torch.exp((lp - old).clamp(-20, 20))
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1
+    expected = ((k3 * ratio) * mask).sum() / mask.sum()
+    torch.testing.assert_close(m_ratio["kl_mean"].double(), expected, rtol=1e-5, atol=1e-7)
+    _, m_plain, _ = run(policy_loss, inputs, backend=backend, kl_coef=0.3, kl_estimator="k3")
+    assert abs(m_plain["kl_mean"] - m_ratio["kl_mean"]) > 1e-3  # the weighting matters here
+
+
 # --------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_gradcheck_float64(any_backend, agg):
+def test_gradcheck_float64(any_backend, agg, kl_estimator):
     backend, device = any_backend
     inputs = make_inputs(B=3, T=9, device=device, with_ref=True)
     old = inputs["old_logprobs"].double()
@@ -351,7 +368,7 @@ def test_gradcheck_float64(any_backend, agg):
 
     def f(lp):
         return policy_loss(lp, old, adv, inputs["mask"], clip_ratio_c=2.0, ref_logprobs=ref,
-                           kl_coef=0.3, agg=agg, backend=backend)[0]
+                           kl_coef=0.3, kl_estimator=kl_estimator, agg=agg, backend=backend)[0]
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8)
 

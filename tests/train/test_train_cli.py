@@ -197,15 +197,20 @@ def test_eval_options_are_checked(args, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_train_on_a_local_dataset(tmp_path):
-    """task.name=local: a JSONL file with relative image paths, direct-answer SFT, one RL step."""
+def _write_local_dataset(tmp_path, n: int) -> None:
+    """train.jsonl with n image questions ("What is i + 1?") and their PNGs, paths relative."""
     from PIL import Image
 
     rows = []
-    for i in range(4):
+    for i in range(n):
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"img{i}.png")
         rows.append({"question": f"What is {i} + 1?", "image": f"img{i}.png", "answer": str(i + 1)})
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_train_on_a_local_dataset(tmp_path):
+    """task.name=local: a JSONL file with relative image paths, direct-answer SFT, one RL step."""
+    _write_local_dataset(tmp_path, 4)
     out = str(tmp_path / "run")
     proc = _axpo("train", *TINY, f"log.output_dir={out}", "task.name=local", f"task.path={tmp_path / 'train.jsonl'}",
                  "task.eval_split=train", "sft.steps=2", "rl.steps=1", "model.max_pixels=1024")
@@ -219,19 +224,13 @@ def test_a_model_with_a_chat_template_is_told_the_configured_tools(tmp_path):
     """A saved model whose tokenizer has a chat template (Qwen3-VL-Thinking-style): `axpo train
     task.name=local` renders its prompts through the template, and the system turn lists exactly the
     configured tools (tools.names), as prompt.txt records it."""
-    from PIL import Image
-
     from axpo.models import build_tiny_policy, policy_from_model, save_policy
     from tests.rollout._template import qwen3_vl_template
 
     model, tok = build_tiny_policy(vision=True, seed=0)
     tok.chat_template = qwen3_vl_template(thinking=True)
     save_policy(policy_from_model(model, tok), str(tmp_path / "model"))
-    rows = []
-    for i in range(2):
-        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"img{i}.png")
-        rows.append({"question": f"What is {i} + 1?", "image": f"img{i}.png", "answer": str(i + 1)})
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _write_local_dataset(tmp_path, 2)
     out = str(tmp_path / "run")
     proc = _axpo("train", *TINY, f"log.output_dir={out}", "task.name=local", f"task.path={tmp_path / 'train.jsonl'}",
                  "task.eval_split=train", f"model.name_or_path={tmp_path / 'model'}", "tools.names=[python]",
