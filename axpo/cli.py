@@ -7,9 +7,6 @@ import os
 import platform
 import sys
 
-BENCH_FAMILIES = ("logprob_entropy", "group_advantages", "policy_loss", "fork_kv")
-
-
 def _version(module: str) -> str:
     try:
         mod = importlib.import_module(module)
@@ -54,8 +51,13 @@ def cmd_info(args) -> int:
         print(f"\nbackends on {device}:")
         for name, why in _backend.available_backends(device).items():
             print(f"  {name:<7} {'available' if why is None else 'missing: ' + why}")
-        for op in _backend.DEFAULT_BACKEND:
-            print(f"  default for {op}: {_backend.resolve(op, torch.device(device), None)}")
+        for fam in _backend.FAMILIES:
+            for op in fam.ops:
+                print(f"  default for {op}: {_backend.resolve(op, torch.device(device), None)}")
+    print("\nop families (axpo.ops._backend.FAMILIES): backends; default per device")
+    for fam in _backend.FAMILIES:
+        defaults = ", ".join(f"{d}: {b}" for d, b in fam.default.items())
+        print(f"  {fam.name:<17} {', '.join(fam.ops)}: {', '.join(fam.backends)}; {defaults}")
     forced = os.environ.get(_backend.ENV_BACKEND)
     if forced:
         print(f"\n{_backend.ENV_BACKEND}={forced} forces that backend for every op")
@@ -63,9 +65,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args, rest: list[str]) -> int:
+    from axpo.ops._backend import FAMILY_NAMES
+
     family = args.family
-    if family not in BENCH_FAMILIES:
-        print(f"axpo bench: unknown family {family!r}; choose from {', '.join(BENCH_FAMILIES)}", file=sys.stderr)
+    if family not in FAMILY_NAMES:
+        print(f"axpo bench: unknown family {family!r}; choose from {', '.join(FAMILY_NAMES)}", file=sys.stderr)
         return 2
     mod = importlib.import_module(f"axpo.benchmarks.bench_{family}")
     return mod.main(rest)
@@ -136,6 +140,8 @@ def cmd_compare(parser, args, rest) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from axpo.ops._backend import FAMILY_NAMES
+
     parser = argparse.ArgumentParser(prog="axpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and which backends are available here (and why not)")
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Extra arguments go to the family's script (axpo bench logprob_entropy --help).",
         allow_abbrev=False,  # the scripts' own short options (--h, --n, --v) must not match --help
     )
-    bench.add_argument("family", nargs="?", default="logprob_entropy", choices=BENCH_FAMILIES)
+    bench.add_argument("family", nargs="?", default="logprob_entropy", choices=FAMILY_NAMES)
     overrides = "config overrides as dotted key=value (e.g. rl.steps=10 rl.algorithm=grpo); see configs/tiny-cpu.yaml"
     train = sub.add_parser("train", help="SFT warm-start then RL with a registered method, AXPO by default "
                                          "(defaults: the built-in task with the tiny model on CPU)", epilog=overrides)

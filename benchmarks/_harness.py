@@ -270,6 +270,29 @@ CPU_MEM_METHOD = ("VmHWM - VmRSS after writing 5 to /proc/self/clear_refs (+ gc.
                   "noise in practice")
 
 
+def measure_copy_bandwidth(device: torch.device, mib: int, repeats: int) -> dict:
+    """The memory ceiling: a device copy of `mib` MiB, counting bytes read plus bytes written."""
+    n = mib * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, repeats=max(repeats, 5), warmup=2, flush_l2=False)
+    bw = 2 * n / (timing.median_ms * 1e-3)
+    del src, dst
+    return {"bytes": n, "median_ms": timing.median_ms, "bandwidth_GBps": bw / 1e9,
+            "method": f"dst.copy_(src) of {mib} MiB uint8, (read + write) / median time"}
+
+
+def measure_matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> dict:
+    """The arithmetic ceiling: an [n, n] x [n, n] matrix product on random data (never zeros)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = time_fn(lambda: a @ b, device, repeats=max(repeats, 5), warmup=3, flush_l2=False)
+    flops = 2 * n**3
+    del a, b
+    return {"flops": flops, "median_ms": timing.median_ms, "tflops": flops / (timing.median_ms * 1e-3) / 1e12,
+            "method": f"[{n}, {n}] x [{n}, {n}] {dtype} matmul on random data, 2 n^3 / median time"}
+
+
 def _proc_status_bytes(*keys: str) -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:

@@ -67,18 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure_copy_bandwidth(device: torch.device, mib: int, repeats: int) -> dict:
-    n = mib * 2**20
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    timing = H.time_fn(lambda: dst.copy_(src), device, repeats=max(repeats, 5), warmup=2,
-                       flush_l2=False)
-    bw = 2 * n / (timing.median_ms * 1e-3)
-    del src, dst
-    return {"bytes": n, "median_ms": timing.median_ms, "bandwidth_GBps": bw / 1e9,
-            "method": f"dst.copy_(src) of {mib} MiB uint8, (read + write) / median time"}
-
-
 def make_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     s, k, prefix, tail = cfg["sources"], cfg["branches"], cfg["prefix"], cfg["tail"]
@@ -126,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     env = H.collect_env(device)
     H.log(f"[{FAMILY}] device {env['device_name']}; {cfg}; repeats {repeats}, warmup {warmup}")
 
-    copy = measure_copy_bandwidth(device, cfg["copy_mib"], repeats)
+    copy = H.measure_copy_bandwidth(device, cfg["copy_mib"], repeats)
     env["copy_bandwidth"] = copy
     H.log(f"  device copy bandwidth: {copy['bandwidth_GBps']:.1f} GB/s ({copy['method']})")
 
     selected = [x.strip() for x in args.backends.split(",")] if args.backends else None
     impls = [("reference", "torch", True)]
-    for b in ("cpu", "cuda", "triton"):
-        impls.append((f"axpo_{b}", b, False))
+    for b in _backend.family("fork_kv").backends:
+        if b != "torch":
+            impls.append((f"axpo_{b}", b, False))
     impls.append(("hf_repeat_crop", "hf", False))
 
     rows_out: list[dict] = []

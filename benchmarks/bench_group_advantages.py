@@ -77,8 +77,8 @@ def build_impls(device: torch.device, scale: str, selected: list[str] | None) ->
                             "(groups of one get the reward itself: none in this benchmark)"))
     except Exception as e:  # noqa: BLE001
         impls.append(H.Impl("verl", None, unavailable=f"verl does not import ({type(e).__name__})"))
-    avail = available_backends(device)
-    for b in ("cpu", "cuda", "triton"):
+    avail = available_backends(device, "group_advantages")
+    for b in (b for b in avail if b != "torch"):
         if selected and b not in selected and f"axpo:{b}" not in selected:
             continue
         if b == "cpu" and device.type != "cpu" or b == "cuda" and device.type != "cuda":

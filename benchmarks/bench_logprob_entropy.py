@@ -324,7 +324,7 @@ def axpo_backends(device: torch.device) -> dict[str, str | None]:
     fn = getattr(ops, "available_backends", None)
     if fn is None:
         return {"torch": None}
-    return dict(fn(device))
+    return dict(fn(device, "logprob_entropy"))
 
 
 def build_impls(op: str, device: torch.device, temperature: float,

@@ -115,9 +115,7 @@ def _backend_reasons(device: torch.device, selected) -> dict[str, str | None]:
     if ops is None:
         return {"cpu": err}
     out = {}
-    for b, reason in ops.available_backends(device).items():
-        if b == "cuda":
-            continue  # no CUDA kernel in this family: triton serves CUDA tensors
+    for b, reason in ops.available_backends(device, "policy_loss").items():
         if selected is not None and b not in selected and f"axpo:{b}" not in selected:
             continue
         if reason is None and b == "triton" and device.type == "cpu":

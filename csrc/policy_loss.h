@@ -41,3 +41,11 @@ at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::T
 void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                 const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
                 int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp);
+
+// The same on CUDA tensors (csrc/cuda/policy_loss.cu; built only with CUDA).
+at::Tensor pl_fwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
+                       const at::Tensor& mask, const at::Tensor& ref, double lo, double hi,
+                       double dual_c, int64_t kl_estimator);
+void pl_bwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
+                 const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
+                 int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp);

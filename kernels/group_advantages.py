@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import acc_dtype, interpreting
 
 __all__ = ["group_advantages"]
 
@@ -157,7 +157,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale_std: 
     R = rewards.numel()
     if R >= 2**30:
         raise ValueError(f"rewards must have fewer than 2**30 elements, got {R}")
-    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out_dtype = acc_dtype(rewards.dtype)
     out = torch.empty(R, dtype=out_dtype, device=rewards.device)
     if R == 0:
         return out

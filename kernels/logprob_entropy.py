@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, acc_dtype, tl_acc_dtype
+from ._common import acc_dtype, interpreting, num_warps, tl_acc_dtype
 
 __all__ = ["lpe_fwd", "lpe_fwd_chunk", "lpe_bwd"]
 
@@ -42,9 +42,6 @@ def _bwd_block_v(n_cols: int) -> int:
     cap = 256 if interpreting() else 2048
     return max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
 
-
-def _num_warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
 @triton.jit
@@ -218,7 +215,7 @@ def _launch_fwd(logits, labels, v_offset, inv_temp, ignore_index, state, out,
         COMPUTE_ENTROPY=bool(compute_entropy),
         INIT=init,
         FINALIZE=finalize,
-        num_warps=_num_warps(block),
+        num_warps=num_warps(block),
     )
 
 
@@ -308,5 +305,5 @@ def lpe_bwd(logits: torch.Tensor, labels: torch.Tensor, v_offset: int, inv_temp:
         ACC_DTYPE=tl_acc_dtype(logits.dtype),
         BLOCK_V=block,
         HAS_ENTROPY_GRAD=bool(has_entropy_grad),
-        num_warps=_num_warps(block),
+        num_warps=num_warps(block),
     )

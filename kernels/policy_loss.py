@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, acc_dtype, tl_acc_dtype
+from ._common import acc_dtype, interpreting, num_warps, tl_acc_dtype
 
 __all__ = ["pl_fwd", "pl_bwd", "N_STATS"]
 
@@ -35,9 +35,6 @@ def _block_t(n_cols: int) -> int:
     cap = 64 if interpreting() else 2048
     return max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
 
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
 
 
 @triton.jit
@@ -281,7 +278,7 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         *_strides(logp, old, adv, mask, ref),
         float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
         ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
-        BLOCK_T=block, num_warps=_num_warps(block),
+        BLOCK_T=block, num_warps=num_warps(block),
     )
     return out.sum(-1) if n_tiles > 1 else out[:, :, 0]
 
@@ -313,5 +310,5 @@ def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         *_strides(logp, old, adv, mask, ref), *grad_logp.stride(),
         float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
         ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
-        BLOCK_T=block, num_warps=_num_warps(block),
+        BLOCK_T=block, num_warps=num_warps(block),
     )

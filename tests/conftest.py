@@ -12,12 +12,11 @@ import torch  # noqa: E402
 from axpo.ops import available_backends  # noqa: E402
 
 
-def kernel_backends():
-    """(backend, device) pairs that can run here, reference excluded."""
-    pairs = [(b, "cpu") for b in ("cpu", "triton") if available_backends("cpu")[b] is None]
-    if torch.cuda.is_available():
-        pairs += [(b, "cuda") for b in ("cuda", "triton") if available_backends("cuda")[b] is None]
-    return pairs
+def kernel_backends(op: str | None = None):
+    """(backend, device) pairs that can run here, reference excluded; with `op` (an op or family
+    name), only the backends its family has (axpo.ops._backend.FAMILIES)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(b, d) for d in devices for b, why in available_backends(d, op).items() if b != "torch" and why is None]
 
 
 KERNEL_BACKENDS = kernel_backends()

@@ -77,6 +77,35 @@ def test_axpo_info_when_extension_missing():
     assert "lp -1.386" in out
 
 
+def test_the_family_table_matches_the_files():
+    """Every backend the table gives a family has its files; every op resolves."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for fam in _backend.FAMILIES:
+        assert (root / "csrc" / f"{fam.name}.h").exists() == ("cpu" in fam.backends or "cuda" in fam.backends)
+        assert (root / "csrc" / "cpu" / f"{fam.name}.cpp").exists() == ("cpu" in fam.backends), fam.name
+        assert (root / "csrc" / "cuda" / f"{fam.name}.cu").exists() == ("cuda" in fam.backends), fam.name
+        if "triton" in fam.backends:
+            importlib.import_module(f"axpo.kernels.{fam.name}")
+        assert (root / "benchmarks" / f"bench_{fam.name}.py").exists()
+        for op in fam.ops:
+            assert _backend.family(op) is fam and _backend.resolve(op, torch.device("cpu"), "torch") == "torch"
+            assert callable(getattr(__import__("axpo.ops", fromlist=[op]), op))
+
+
+def test_a_backend_an_op_lacks_is_a_clear_error(monkeypatch):
+    fam = _backend.OpFamily("policy_loss", ("policy_loss",), ("torch", "cpu", "triton"), {"cpu": "cpu"})
+    monkeypatch.setitem(_backend.FAMILY_OF_OP, "policy_loss", fam)
+    monkeypatch.setattr(_backend, "FAMILIES", tuple(fam if f.name == "policy_loss" else f for f in _backend.FAMILIES))
+    with pytest.raises(ValueError, match=r"policy_loss has no 'cuda' backend; it has \('torch', 'cpu', 'triton'\)"):
+        _backend.resolve("policy_loss", torch.device("cpu"), "cuda")
+    assert list(available_backends("cpu", "policy_loss")) == ["torch", "cpu", "triton"]
+    with pytest.raises(ValueError, match="default for cuda"):
+        _backend.OpFamily("x", ("x",), ("torch", "cpu"), {"cuda": "cuda"})
+
+
 def test_axpo_bench_passes_the_scripts_short_options_through(monkeypatch):
     """`--h 256` is the benchmark's hidden size, not an abbreviation of axpo bench's --help."""
     import axpo.benchmarks.bench_logprob_entropy as bench

@@ -14,16 +14,14 @@ import math
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 from . import _backend, _validate
 from . import reference_group_advantages as reference
 
 _OP = "group_advantages"
 _FAMILY = "group_advantages"
 SCALES = ("std", "none")
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("axpo::group_advantages", mutates_args=())
@@ -35,7 +33,7 @@ def _op(rewards: Tensor, group_ids: Tensor, scale_std: bool, eps: float, backend
 
 @_op.register_fake
 def _(rewards, group_ids, scale_std, eps, backend):
-    return rewards.new_empty(rewards.shape, dtype=_out_dtype(rewards.dtype))
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
 
 
 def _check_finite(rewards: Tensor) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _validate, reference
-from .logprob_entropy import _acc_dtype
+from ._dtypes import acc_dtype
 
 _OP = "linear_logprob_entropy"
 CHUNK_BUDGET_BYTES = 256 << 20  # one [N, C] logits chunk at most this large (C >= 512)
@@ -45,7 +45,7 @@ def _fwd(
     """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> [3, N]: logprob, entropy, lse."""
     kernels = _backend.lpe_kernels(backend)
     n, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     state = torch.empty((4, n), dtype=acc, device=hidden.device)
     state[0].fill_(float("-inf"))
     state[1:3].zero_()
@@ -66,7 +66,7 @@ def _fwd(
 
 @_fwd.register_fake
 def _(hidden, weight, bias, labels, inv_temperature, ignore_index, compute_entropy, chunk_size, backend):
-    return hidden.new_empty((3, hidden.shape[0]), dtype=_acc_dtype(hidden.dtype))
+    return hidden.new_empty((3, hidden.shape[0]), dtype=acc_dtype(hidden.dtype))
 
 
 @torch.library.custom_op("axpo::linear_logprob_entropy_bwd", mutates_args=())
@@ -78,7 +78,7 @@ def _bwd(
     """-> grad_hidden [N, H], grad_weight [V, H], grad_bias [V]; each empty if not needed."""
     kernels = _backend.lpe_kernels(backend)
     n, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     lse, entropy = stats[2].contiguous(), stats[1].contiguous()
     g_lp, g_ent = grad_out[0].contiguous(), grad_out[1].contiguous()
     grad_hidden_acc = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None

@@ -9,13 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 from . import _backend, _validate, reference
 
 _OP = "token_logprob_entropy"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("axpo::token_logprob_entropy_fwd", mutates_args=())
@@ -29,7 +27,7 @@ def _fwd(
 
 @_fwd.register_fake
 def _(logits, labels, inv_temperature, ignore_index, compute_entropy, backend):
-    return logits.new_empty((3, logits.shape[0]), dtype=_acc_dtype(logits.dtype))
+    return logits.new_empty((3, logits.shape[0]), dtype=acc_dtype(logits.dtype))
 
 
 @torch.library.custom_op("axpo::token_logprob_entropy_bwd", mutates_args=())

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 from . import _backend, _validate
 from . import reference_policy_loss as reference
 
@@ -28,10 +30,6 @@ KL_ESTIMATORS = reference.KL_ESTIMATORS
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "k3_ratio": 4}
 # rows of the per-row sums (csrc/policy_loss.h)
 PG, KL, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, NEG_KL, RATIO = range(8)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kernels(backend: str):
@@ -60,7 +58,7 @@ def _fwd(
 
 @_fwd.register_fake
 def _(logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, kl_in_loss, backend):
-    acc = _acc_dtype(logp.dtype)
+    acc = acc_dtype(logp.dtype)
     n = logp.shape[0]
     return logp.new_empty((2, n), dtype=acc), logp.new_empty((6, n), dtype=acc)
 
@@ -199,7 +197,7 @@ def _prepare(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs):
     if backend == "triton":
         return lp, old, adv, m, ref
     # C++: old / adv / ref in the accumulation dtype, unit column stride (adv: or 0).
-    acc = _acc_dtype(lp.dtype)
+    acc = acc_dtype(lp.dtype)
 
     def cols(x: Tensor, allow0: bool = False) -> Tensor:
         if T > 1 and x.stride(1) != 1 and not (allow0 and x.stride(1) == 0):

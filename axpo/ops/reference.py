@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._dtypes import acc_dtype
 
 
 def token_logprob_entropy(
@@ -25,7 +23,7 @@ def token_logprob_entropy(
     logprob = log_softmax(logits / T)[label] (0 where label == ignore_index);
     entropy = -sum(p * log p) of softmax(logits / T), with 0 * log 0 = 0 (masked vocabulary).
     """
-    x = logits.to(_compute_dtype(logits.dtype)) / temperature
+    x = logits.to(acc_dtype(logits.dtype)) / temperature
     logp = torch.log_softmax(x, dim=-1)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))

@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 SCALES = ("std", "none")
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dense_group_ids(group_ids: Tensor) -> Tensor:
@@ -60,13 +58,13 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale: str = "std",
     else:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     adv = torch.where(n[gid] > 1, adv, torch.zeros_like(adv))
-    return adv.to(_out_dtype(rewards.dtype))
+    return adv.to(acc_dtype(rewards.dtype))
 
 
 def group_advantages_loop(rewards: Tensor, group_ids: Tensor, *, scale: str = "std",
                           eps: float = 1e-6) -> Tensor:
     """Baseline (a): one Python iteration per group (groups cut from a sorted layout, O(R))."""
-    dt = _out_dtype(rewards.dtype)
+    dt = acc_dtype(rewards.dtype)
     r = rewards.detach().reshape(-1).to(dt)
     sorted_ids, perm = torch.sort(group_ids.reshape(-1), stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
@@ -88,7 +86,7 @@ def group_advantages_loop(rewards: Tensor, group_ids: Tensor, *, scale: str = "s
 def group_advantages_index_add(rewards: Tensor, group_ids: Tensor, *, scale: str = "std",
                                eps: float = 1e-6) -> Tensor:
     """Baseline (b): torch.unique(return_inverse) + index_add_, in the rewards' dtype (>= fp32)."""
-    dt = _out_dtype(rewards.dtype)
+    dt = acc_dtype(rewards.dtype)
     r = rewards.detach().reshape(-1).to(dt)
     uniq, inv = torch.unique(group_ids.reshape(-1), return_inverse=True)
     G = uniq.numel()

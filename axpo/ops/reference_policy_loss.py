@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import acc_dtype
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_dual", "approx_kl",
                 "ratio_mean", "kl_mean")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +115,7 @@ def policy_loss(
     mean of the clamped old - logp), ratio_mean, kl_mean (with ref_logprobs): masked means, 0-d fp32,
     0 for an empty mask.
     """
-    dt = _compute_dtype(logprobs.dtype)
+    dt = acc_dtype(logprobs.dtype)
     log_prob = logprobs.to(dt)
     old_log_prob = old_logprobs.to(dt)
     adv = advantages.to(dt)

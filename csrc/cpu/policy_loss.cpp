@@ -5,6 +5,7 @@
 // specialized on the KL estimator, the dual clip and the advantage layout ([B] or [B, T]);
 // the entry points are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones).
 #include "../policy_loss.h"
+#include "../policy_loss_args.h"
 #include "../registry.h"
 #include "fast_math.h"
 
@@ -16,6 +17,10 @@
 
 
 namespace {
+
+using axpo::pl::Prepared;
+using axpo::pl::Ptrs;
+using axpo::pl::pl_acc_type;
 
 AXPO_CPU_INLINE float pl_exp(float x) { return axpo::cpu::exp_full(x); }
 AXPO_CPU_INLINE double pl_exp(double x) { return std::exp(x); }
@@ -100,15 +105,6 @@ AXPO_CPU_INLINE acc_t kl_grad(acc_t lp, acc_t ref, acc_t r, acc_t in_clamp) {
 constexpr int64_t kTile = 512;      // tokens per forward tile: 8 buffers of 2 KiB (fp32) in L1
 constexpr int64_t kBwdTile = 1024;  // tokens per backward tile: 4 KiB of fp32, stays in L1
 
-struct Ptrs {
-  const void* logp;
-  const void* old;
-  const void* adv;
-  const uint8_t* mask;
-  const void* ref;
-  int64_t s_logp, s_old, s_adv, s_mask, s_ref;  // row strides (elements)
-  int64_t T;
-};
 
 template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
 AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
@@ -257,63 +253,6 @@ AXPO_PL_INSTANTIATE(f64, double, double)
 AXPO_PL_INSTANTIATE(bf16, c10::BFloat16, float)
 AXPO_PL_INSTANTIATE(f16, c10::Half, float)
 
-at::ScalarType pl_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// [B, T] CPU tensor of `dtype` whose columns are contiguous (column stride 1, or 0 if allowed).
-void check_bt(const at::Tensor& x, const char* name, int64_t B, int64_t T, at::ScalarType dtype,
-              bool allow_col_stride0 = false) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == T, name, " must have shape [", B,
-              ", ", T, "], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == dtype, name, " must be ", dtype, ", got ", x.scalar_type());
-  TORCH_CHECK(T <= 1 || x.stride(1) == 1 || (allow_col_stride0 && x.stride(1) == 0), name,
-              " must have column stride 1", allow_col_stride0 ? " or 0" : "", ", got strides ",
-              x.strides());
-}
-
-struct Prepared {
-  Ptrs p;
-  int64_t B, T;
-  bool adv_row;
-  int kl;
-};
-
-Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
-                 const at::Tensor& mask, const at::Tensor& ref, int64_t kl_estimator) {
-  TORCH_CHECK(logp.device().is_cpu(), "logp must be a CPU tensor, got ", logp.device());
-  TORCH_CHECK(logp.dim() == 2, "logp must be 2-D [B, T], got shape ", logp.sizes());
-  TORCH_CHECK(at::isFloatingType(logp.scalar_type()) &&
-                  (logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble ||
-                   logp.scalar_type() == at::kBFloat16 || logp.scalar_type() == at::kHalf),
-              "logp must be fp16, bf16, fp32 or fp64, got ", logp.scalar_type());
-  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 4,
-              "kl_estimator must be 0 (none), 1, 2, 3 or 4 (k1, k2, k3, k3 * ratio), got ", kl_estimator);
-  const int64_t B = logp.size(0), T = logp.size(1);
-  const auto acc = pl_acc_type(logp.scalar_type());
-  check_bt(logp, "logp", B, T, logp.scalar_type());
-  check_bt(old, "old", B, T, acc);
-  check_bt(adv, "adv", B, T, acc, /*allow_col_stride0=*/true);
-  check_bt(mask, "mask", B, T, at::kByte);
-  if (kl_estimator != 0) check_bt(ref, "ref", B, T, acc);
-  Prepared r;
-  r.B = B;
-  r.T = T;
-  r.adv_row = T > 1 && adv.stride(1) == 0;
-  r.kl = static_cast<int>(kl_estimator);
-  r.p.logp = logp.data_ptr();
-  r.p.old = old.data_ptr();
-  r.p.adv = adv.data_ptr();
-  r.p.mask = mask.data_ptr<uint8_t>();
-  r.p.ref = kl_estimator != 0 ? ref.data_ptr() : old.data_ptr();  // placeholder, never read
-  r.p.s_logp = logp.stride(0);
-  r.p.s_old = old.stride(0);
-  r.p.s_adv = adv.stride(0);
-  r.p.s_mask = mask.stride(0);
-  r.p.s_ref = kl_estimator != 0 ? ref.stride(0) : old.stride(0);
-  r.p.T = T;
-  return r;
-}
-
 // Rows per parallel task: about 32K tokens per task.
 inline int64_t grain_rows(int64_t T) {
   const int64_t g = (int64_t(1) << 15) / (T > 0 ? T : 1);
@@ -325,7 +264,7 @@ inline int64_t grain_rows(int64_t T) {
 at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                       const at::Tensor& mask, const at::Tensor& ref, double lo, double hi,
                       double dual_c, int64_t kl_estimator) {
-  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator);
+  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, at::kCPU);
   auto out = at::zeros({kPlStats, pr.B}, logp.options().dtype(pl_acc_type(logp.scalar_type())));
   if (pr.B == 0 || pr.T == 0) return out;
   // Without dual clip the forward runs the dual-clip loop with clip_ratio_c = +inf, which gives
@@ -348,13 +287,13 @@ at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::T
 void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                 const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
                 int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp) {
-  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator);
+  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, at::kCPU);
   const auto acc = pl_acc_type(logp.scalar_type());
   TORCH_CHECK(g.device().is_cpu() && g.dim() == 2 && g.size(0) == 2 && g.size(1) == pr.B &&
                   g.scalar_type() == acc && g.is_contiguous(),
               "g must be a contiguous CPU tensor [2, ", pr.B, "] of ", acc, ", got ", g.sizes(), " ",
               g.scalar_type());
-  check_bt(grad_logp, "grad_logp", pr.B, pr.T, logp.scalar_type());
+  axpo::pl::check_bt(grad_logp, "grad_logp", pr.B, pr.T, logp.scalar_type(), at::kCPU);
   if (pr.B == 0 || pr.T == 0) return;
   const bool dual = dual_c > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_bwd_cpu", [&] {
@@ -373,4 +312,8 @@ void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor&
 AXPO_BIND(policy_loss) {
   m.def("pl_fwd_cpu", &pl_fwd_cpu, "policy loss forward: per-row sums [8, B] (CPU)");
   m.def("pl_bwd_cpu", &pl_bwd_cpu, "policy loss backward: gradient w.r.t. logp (CPU)");
+#ifdef AXPO_WITH_CUDA
+  m.def("pl_fwd_cuda", &pl_fwd_cuda, "policy loss forward: per-row sums [8, B] (CUDA)");
+  m.def("pl_bwd_cuda", &pl_bwd_cuda, "policy loss backward: gradient w.r.t. logp (CUDA)");
+#endif
 }

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../fork_kv.h"
+#include "common.cuh"
 #include "stream.h"
 
 namespace axpo {
@@ -260,7 +261,6 @@ std::vector<at::Tensor> fork_kv_cuda(const std::vector<at::Tensor>& tensors, con
   p.num_desc = static_cast<int32_t>(descs.size());
   cudaStream_t stream = axpo_current_cuda_stream(dev.index());
   fork_kv_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "fork_kv_cuda: kernel launch failed: ", cudaGetErrorString(err));
+  axpo::check_launch("fork_kv_cuda: fork_kv_kernel");
   return outs;
 }

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "../group_advantages.h"
+#include "common.cuh"
 #include "stream.h"
 
 namespace axpo {
@@ -136,12 +137,6 @@ __global__ void k_out(const scalar_t* __restrict__ r, const int* __restrict__ sl
   out[i] = static_cast<out_t>(a);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "group_advantages_cuda: ", what, " failed: ",
-              cudaGetErrorString(err));
-}
-
 }  // namespace
 }  // namespace group_adv
 }  // namespace axpo
@@ -189,25 +184,25 @@ at::Tensor group_advantages_cuda(const at::Tensor& rewards, const at::Tensor& gr
       ids.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
       slot.data_ptr<int>(), first.data_ptr<int>(), R, 64 - bits,
       static_cast<unsigned long long>(cap - 1));
-  check_launch("k_insert");
+  axpo::check_launch("group_advantages_cuda: k_insert");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "group_advantages_cuda", [&] {
     using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* rp = r.data_ptr<scalar_t>();
     k_sum<scalar_t><<<blocks, kThreads, 0, stream>>>(rp, slot.data_ptr<int>(),
                                                       first.data_ptr<int>(), cnt.data_ptr<int>(),
                                                       sum.data_ptr<double>(), R);
-    check_launch("k_sum");
+    axpo::check_launch("group_advantages_cuda: k_sum");
     if (scale_std) {
       k_m2<scalar_t><<<blocks, kThreads, 0, stream>>>(rp, slot.data_ptr<int>(),
                                                        first.data_ptr<int>(), cnt.data_ptr<int>(),
                                                        sum.data_ptr<double>(),
                                                        m2.data_ptr<double>(), R);
-      check_launch("k_m2");
+      axpo::check_launch("group_advantages_cuda: k_m2");
     }
     k_out<scalar_t, out_t><<<blocks, kThreads, 0, stream>>>(
         rp, slot.data_ptr<int>(), first.data_ptr<int>(), cnt.data_ptr<int>(),
         sum.data_ptr<double>(), m2.data_ptr<double>(), out.data_ptr<out_t>(), R, scale_std, eps);
-    check_launch("k_out");
+    axpo::check_launch("group_advantages_cuda: k_out");
   });
   return out;
 }

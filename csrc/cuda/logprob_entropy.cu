@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "../logprob_entropy.h"
+#include "common.cuh"
 #include "stream.h"
 
 namespace axpo {
@@ -287,12 +288,6 @@ __global__ void __launch_bounds__(kBwdThreads) lpe_bwd_kernel(
   }
 }
 
-void check_launch(const char* kernel_name) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "axpo: launch of ", kernel_name,
-              " failed: ", cudaGetErrorString(err));
-}
-
 at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -360,7 +355,7 @@ void launch_fwd(const at::Tensor& logits, const at::Tensor& labels, int64_t v_of
         logits_ptr, labels_ptr, state_ptr, out_ptr, n_rows, n_cols, stride_row, v_offset,
         static_cast<acc_t>(inv_temp), ignore_index);
   }
-  check_launch("lpe_fwd_kernel");
+  axpo::check_launch("lpe_fwd_kernel");
 }
 
 }  // namespace
@@ -458,6 +453,6 @@ void lpe_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t v_
           logits.stride(0), grad_logits.stride(0), v_offset, static_cast<acc_t>(inv_temp),
           ignore_index);
     }
-    check_launch("lpe_bwd_kernel");
+    axpo::check_launch("lpe_bwd_kernel");
   });
 }
