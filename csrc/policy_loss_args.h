@@ -14,7 +14,8 @@ struct Ptrs {
   const void* adv;      // [B, T] acc_t, column stride 0 or 1
   const uint8_t* mask;  // [B, T]
   const void* ref;      // [B, T] acc_t (old's pointer when there is no ref: never read)
-  int64_t s_logp, s_old, s_adv, s_mask, s_ref;  // row strides (elements)
+  const void* roll;     // [B, T] acc_t rollout log-probs (old's pointer without correction)
+  int64_t s_logp, s_old, s_adv, s_mask, s_ref, s_roll;  // row strides (elements)
   int64_t T;
 };
 
@@ -43,7 +44,7 @@ inline void check_bt(const at::Tensor& x, const char* name, int64_t B, int64_t T
 
 inline Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                         const at::Tensor& mask, const at::Tensor& ref, int64_t kl_estimator,
-                        at::DeviceType device_type) {
+                        const at::Tensor& roll, int64_t corr, double cap, at::DeviceType device_type) {
   TORCH_CHECK(logp.device().type() == device_type, "logp must be a ", c10::DeviceTypeName(device_type),
               " tensor, got ", logp.device());
   TORCH_CHECK(logp.dim() == 2, "logp must be 2-D [B, T], got shape ", logp.sizes());
@@ -59,6 +60,12 @@ inline Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at:
   check_bt(adv, "adv", B, T, acc, device_type, /*allow_col_stride0=*/true);
   check_bt(mask, "mask", B, T, at::kByte, device_type);
   if (kl_estimator != 0) check_bt(ref, "ref", B, T, acc, device_type);
+  TORCH_CHECK(corr >= 0 && corr <= 2, "corr must be 0 (none), 1 (statistics: sequence mask) or 2 (tis), got ", corr);
+  TORCH_CHECK(corr != 2 || cap > 0, "cap must be > 0 for corr = 2 (tis), got ", cap);
+  if (corr != 0) {
+    check_bt(roll, "roll", B, T, acc, device_type);
+    TORCH_CHECK(roll.device() == logp.device(), "roll must be on ", logp.device(), ", got ", roll.device());
+  }
   for (const at::Tensor* x : {&old, &adv, &mask}) {
     TORCH_CHECK(x->device() == logp.device(), "all inputs must be on ", logp.device(), ", got ", x->device());
   }
@@ -80,6 +87,8 @@ inline Prepared prepare(const at::Tensor& logp, const at::Tensor& old, const at:
   r.p.s_adv = adv.stride(0);
   r.p.s_mask = mask.stride(0);
   r.p.s_ref = kl_estimator != 0 ? ref.stride(0) : old.stride(0);
+  r.p.roll = corr != 0 ? roll.data_ptr() : old.data_ptr();  // placeholder, never read
+  r.p.s_roll = corr != 0 ? roll.stride(0) : old.stride(0);
   r.p.T = T;
   return r;
 }

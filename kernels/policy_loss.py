@@ -26,7 +26,7 @@ from ._common import acc_dtype, interpreting, num_warps, tl_acc_dtype
 
 __all__ = ["pl_fwd", "pl_bwd", "N_STATS"]
 
-N_STATS = 8  # rows of pl_fwd's output, see csrc/policy_loss.h
+N_STATS = 11  # rows of pl_fwd's output, see csrc/policy_loss.h
 
 
 def _block_t(n_cols: int) -> int:
@@ -92,6 +92,23 @@ def _kl_grad(lp, ref, r, in_clamp, KL: tl.constexpr):
 
 
 @triton.jit
+def _rollout_weight(old, roll_ptr, row, offs, valid, s_roll_b, s_roll_t, cap, ACC: tl.constexpr,
+                    CORR: tl.constexpr):
+    """(w, lr, truncated): the correction weight of each token (min(exp(old - roll), cap) for
+    CORR 2, else 1), the log-ratio old - roll, and whether exp(old - roll) > cap (CORR 2)."""
+    roll = tl.load(roll_ptr + row * s_roll_b + offs * s_roll_t, mask=valid, other=0.0).to(ACC)
+    lr = old - roll
+    rr = tl.exp(lr)
+    if CORR == 2:
+        w = tl.where(rr > cap, cap, rr)  # NaN stays NaN
+        trunc = rr > cap
+    else:
+        w = tl.full(lr.shape, 1.0, ACC)
+        trunc = tl.full(lr.shape, 0, tl.int1)
+    return w, lr, trunc
+
+
+@triton.jit
 def _load_tile(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, row, offs, valid,
                s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
                ACC: tl.constexpr, KL: tl.constexpr):
@@ -115,6 +132,7 @@ def _pl_fwd_kernel(
     adv_ptr,  # [B, T] any float (column stride 0: one value per row)
     mask_ptr,  # [B, T] uint8
     ref_ptr,  # [B, T] any float; read only if KL != 0
+    roll_ptr,  # [B, T] any float: the rollout log-probs; read only if CORR != 0
     out_ptr,  # [N_STATS, B, n_tiles] acc dtype, contiguous
     # shapes
     n_rows,
@@ -122,13 +140,16 @@ def _pl_fwd_kernel(
     n_tiles,
     # strides (elements)
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
+    s_roll_b, s_roll_t,
     # constants
     lo_in: tl.float64,
     hi_in: tl.float64,
     c_in: tl.float64,
+    cap_in: tl.float64,
     ACC: tl.constexpr,
     KL: tl.constexpr,  # 0: no ref, 1 / 2 / 3 / 4: k1 / k2 / k3 / k3 * ratio
     DUAL: tl.constexpr,
+    CORR: tl.constexpr,  # 0: none, 1: rollout statistics only, 2: + token TIS weights
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -147,6 +168,11 @@ def _pl_fwd_kernel(
     zero = tl.zeros((BLOCK_T,), ACC)
     one = zero + 1.0
     clipped = pg2 > pg1
+    if CORR != 0:
+        cap = (cap_in + tl.zeros((), ACC)).to(ACC)
+        w, lr, trunc = _rollout_weight(old, roll_ptr, row, offs, valid, s_roll_b, s_roll_t, cap, ACC, CORR)
+        if CORR == 2:
+            pg = pg * w
     s_pg = tl.sum(tl.where(m, pg, zero), axis=0)
     s_n = tl.sum(tl.where(m, one, zero), axis=0)
     s_lo = tl.sum(tl.where(m & clipped & neg, one, zero), axis=0)
@@ -171,6 +197,14 @@ def _pl_fwd_kernel(
     tl.store(base + 5 * stride_stat, s_dual)
     tl.store(base + 6 * stride_stat, s_nk)
     tl.store(base + 7 * stride_stat, s_r)
+    if CORR != 0:
+        tl.store(base + 8 * stride_stat, tl.sum(tl.where(m, w, zero), axis=0))
+        tl.store(base + 9 * stride_stat, tl.sum(tl.where(m & trunc, one, zero), axis=0))
+        tl.store(base + 10 * stride_stat, tl.sum(tl.where(m, lr, zero), axis=0))
+    else:
+        tl.store(base + 8 * stride_stat, s_n)
+        tl.store(base + 9 * stride_stat, tl.sum(zero, axis=0))
+        tl.store(base + 10 * stride_stat, tl.sum(zero, axis=0))
 
 
 @triton.jit
@@ -181,6 +215,7 @@ def _pl_bwd_kernel(
     adv_ptr,  # [B, T] any float (column stride 0: one value per row)
     mask_ptr,  # [B, T] uint8
     ref_ptr,  # [B, T] any float; read only if KL != 0
+    roll_ptr,  # [B, T] any float; read only if CORR == 2
     g_ptr,  # [2, B] acc dtype, contiguous: g_pg, g_kl
     grad_ptr,  # [B, T] logp's dtype
     # shapes
@@ -188,14 +223,16 @@ def _pl_bwd_kernel(
     n_cols,
     # strides (elements)
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
-    s_g_b, s_g_t,
+    s_roll_b, s_roll_t, s_g_b, s_g_t,
     # constants
     lo_in: tl.float64,
     hi_in: tl.float64,
     c_in: tl.float64,
+    cap_in: tl.float64,
     ACC: tl.constexpr,
     KL: tl.constexpr,  # 0: no KL gradient, 1 / 2 / 3 / 4: k1 / k2 / k3 / k3 * ratio
     DUAL: tl.constexpr,
+    CORR: tl.constexpr,  # as in _pl_fwd_kernel (only 2 changes the gradient)
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -221,6 +258,10 @@ def _pl_bwd_kernel(
         gc1 = zero + 1.0
     dr = gc1 * (g1 * na + tl.where(in_r, g2 * na, zero))
     dpg = tl.where(in_clamp, dr * r, zero)
+    if CORR == 2:
+        cap = (cap_in + tl.zeros((), ACC)).to(ACC)
+        w, lr, trunc = _rollout_weight(old, roll_ptr, row, offs, valid, s_roll_b, s_roll_t, cap, ACC, CORR)
+        dpg = dpg * w
     g_pg = tl.load(g_ptr + row)
     out = g_pg * dpg
     if KL != 0:
@@ -230,7 +271,7 @@ def _pl_bwd_kernel(
     tl.store(grad_ptr + row * s_g_b + offs * s_g_t, out.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _check(logp, old, adv, mask, ref, kl_estimator):
+def _check(logp, old, adv, mask, ref, kl_estimator, roll, corr):
     assert logp.dim() == 2, "logp must be [B, T]"
     shape = tuple(logp.shape)
     for name, t in (("old", old), ("adv", adv), ("mask", mask)):
@@ -239,14 +280,18 @@ def _check(logp, old, adv, mask, ref, kl_estimator):
     assert kl_estimator in (0, 1, 2, 3, 4), "kl_estimator must be 0, 1, 2, 3 or 4"
     if kl_estimator:
         assert tuple(ref.shape) == shape, f"ref must be {shape}, got {tuple(ref.shape)}"
+    assert corr in (0, 1, 2), "corr must be 0, 1 or 2"
+    if corr:
+        assert tuple(roll.shape) == shape, f"roll must be {shape}, got {tuple(roll.shape)}"
 
 
-def _strides(logp, old, adv, mask, ref):
-    return (*logp.stride(), *old.stride(), *adv.stride(), *mask.stride(), *ref.stride())
+def _strides(logp, old, adv, mask, ref, roll):
+    return (*logp.stride(), *old.stride(), *adv.stride(), *mask.stride(), *ref.stride(), *roll.stride())
 
 
 def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-           ref: torch.Tensor, lo: float, hi: float, dual_c: float, kl_estimator: int) -> torch.Tensor:
+           ref: torch.Tensor, lo: float, hi: float, dual_c: float, kl_estimator: int,
+           roll: torch.Tensor, corr: int, cap: float) -> torch.Tensor:
     """Per-row sums of the policy-loss terms.
 
     Args:
@@ -257,14 +302,19 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         lo, hi: the ratio clip range [1 - clip_low, 1 + clip_high].
         dual_c: clip_ratio_c of the dual clip, or <= 0 for none.
         kl_estimator: 0 (no ref), 1, 2, 3, 4 (k1, k2, k3, k3 * ratio).
+        roll, corr, cap: the rollout log-probs ([B, T], read only if corr != 0) and the
+            correction: 0 none, 1 statistics only, 2 token TIS with weights min(exp(old - roll), cap).
 
     Returns:
-        [8, B] acc dtype (fp64 for fp64 logp, else fp32): pg_sum, kl_sum, count, clip_low,
-        clip_high, clip_dual, neg_kl_sum, ratio_sum (csrc/policy_loss.h).
+        [11, B] acc dtype (fp64 for fp64 logp, else fp32): pg_sum, kl_sum, count, clip_low,
+        clip_high, clip_dual, neg_kl_sum, ratio_sum, weight_sum, truncated, roll_lr_sum
+        (csrc/policy_loss.h).
     """
-    _check(logp, old, adv, mask, ref, kl_estimator)
+    _check(logp, old, adv, mask, ref, kl_estimator, roll, corr)
     if not kl_estimator:
         ref = old
+    if not corr:
+        roll = old
     n_rows, n_cols = logp.shape
     acc = acc_dtype(logp.dtype)
     if n_rows == 0 or n_cols == 0:
@@ -273,11 +323,11 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
     n_tiles = triton.cdiv(n_cols, block)
     out = torch.empty((N_STATS, n_rows, n_tiles), dtype=acc, device=logp.device)
     _pl_fwd_kernel[(n_rows, n_tiles)](
-        logp, old, adv, mask, ref, out,
+        logp, old, adv, mask, ref, roll, out,
         n_rows, n_cols, n_tiles,
-        *_strides(logp, old, adv, mask, ref),
-        float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
-        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
+        *_strides(logp, old, adv, mask, ref, roll),
+        float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0), float(cap),
+        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0), CORR=int(corr),
         BLOCK_T=block, num_warps=num_warps(block),
     )
     return out.sum(-1) if n_tiles > 1 else out[:, :, 0]
@@ -285,7 +335,7 @@ def pl_fwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
 
 def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
            ref: torch.Tensor, lo: float, hi: float, dual_c: float, kl_estimator: int,
-           g: torch.Tensor, grad_logp: torch.Tensor) -> None:
+           roll: torch.Tensor, corr: int, cap: float, g: torch.Tensor, grad_logp: torch.Tensor) -> None:
     """Gradient w.r.t. logp of sum_b g[0, b] pg_sum_b + g[1, b] kl_sum_b, into grad_logp.
 
     Args: as pl_fwd, plus
@@ -293,9 +343,11 @@ def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
         g: [2, B] acc dtype, contiguous.
         grad_logp: [B, T] logp's dtype, any strides; masked-out tokens get 0.
     """
-    _check(logp, old, adv, mask, ref, kl_estimator)
+    _check(logp, old, adv, mask, ref, kl_estimator, roll, corr)
     if not kl_estimator:
         ref = old
+    if not corr:
+        roll = old
     n_rows, n_cols = logp.shape
     assert g.shape == (2, n_rows) and g.is_contiguous() and g.dtype == acc_dtype(logp.dtype), \
         "g must be contiguous [2, B] in the accumulation dtype"
@@ -305,10 +357,10 @@ def pl_bwd(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch
     block = _block_t(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, block))
     _pl_bwd_kernel[grid](
-        logp, old, adv, mask, ref, g, grad_logp,
+        logp, old, adv, mask, ref, roll, g, grad_logp,
         n_rows, n_cols,
-        *_strides(logp, old, adv, mask, ref), *grad_logp.stride(),
-        float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0),
-        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0),
+        *_strides(logp, old, adv, mask, ref, roll), *grad_logp.stride(),
+        float(lo), float(hi), float(dual_c if dual_c > 0 else 0.0), float(cap),
+        ACC=tl_acc_dtype(logp.dtype), KL=int(kl_estimator), DUAL=bool(dual_c > 0), CORR=int(corr),
         BLOCK_T=block, num_warps=num_warps(block),
     )

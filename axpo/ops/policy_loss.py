@@ -29,7 +29,9 @@ AGG_MODES = reference.AGG_MODES
 KL_ESTIMATORS = reference.KL_ESTIMATORS
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "k3_ratio": 4}
 # rows of the per-row sums (csrc/policy_loss.h)
-PG, KL, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, NEG_KL, RATIO = range(8)
+PG, KL, COUNT, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, NEG_KL, RATIO, WEIGHT, TRUNCATED, ROLL_LR = range(11)
+N_METRIC_SUMS = 9  # rows COUNT.. of the kernels' output
+ROLLOUT_CORRECTIONS = reference.ROLLOUT_CORRECTIONS
 
 
 def _kernels(backend: str):
@@ -42,60 +44,66 @@ def _placeholder(ref: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("axpo::policy_loss_fwd", mutates_args=())
 def _fwd(
-    logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor],
-    lo: float, hi: float, dual_c: float, kl_estimator: int, kl_in_loss: bool, backend: str,
+    logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], roll: Optional[Tensor],
+    lo: float, hi: float, dual_c: float, kl_estimator: int, kl_in_loss: bool, corr: int, cap: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """[B, T] inputs (prepared by _prepare) -> (loss sums [2, B], metric sums [6, B]), acc dtype.
+    """[B, T] inputs (prepared by _prepare) -> (loss sums [2, B], metric sums [9, B]), acc dtype.
 
     Loss sums: pg_sum, kl_sum. Metric sums: count, clip_low, clip_high, clip_dual, neg_kl_sum,
-    ratio_sum (csrc/policy_loss.h). kl_in_loss: whether kl_sum enters the loss (kl_coef != 0);
-    the backward skips the KL term otherwise.
+    ratio_sum, weight_sum, truncated, roll_lr_sum (csrc/policy_loss.h). kl_in_loss: whether
+    kl_sum enters the loss (kl_coef != 0); the backward skips the KL term otherwise. corr / cap:
+    the rollout correction (0 none, 1 statistics of roll only, 2 token TIS with cap).
     """
     k = kl_estimator if ref is not None else 0
-    stats = _kernels(backend).pl_fwd(logp, old, adv, mask, _placeholder(ref, old), lo, hi, dual_c, k)
+    c = corr if roll is not None else 0
+    stats = _kernels(backend).pl_fwd(logp, old, adv, mask, _placeholder(ref, old), lo, hi, dual_c, k,
+                                     _placeholder(roll, old), c, cap)
     return stats[:2].clone(), stats[2:].clone()
 
 
 @_fwd.register_fake
-def _(logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, kl_in_loss, backend):
+def _(logp, old, adv, mask, ref, roll, lo, hi, dual_c, kl_estimator, kl_in_loss, corr, cap, backend):
     acc = acc_dtype(logp.dtype)
     n = logp.shape[0]
-    return logp.new_empty((2, n), dtype=acc), logp.new_empty((6, n), dtype=acc)
+    return logp.new_empty((2, n), dtype=acc), logp.new_empty((N_METRIC_SUMS, n), dtype=acc)
 
 
 @torch.library.custom_op("axpo::policy_loss_bwd", mutates_args=())
 def _bwd(
     g: Tensor, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor],
-    lo: float, hi: float, dual_c: float, kl_estimator: int, backend: str,
+    roll: Optional[Tensor], lo: float, hi: float, dual_c: float, kl_estimator: int, corr: int, cap: float,
+    backend: str,
 ) -> Tensor:
     """g [2, B] (d out / d pg_sum_b, d out / d kl_sum_b) -> grad_logp [B, T] in logp's dtype.
-    kl_estimator 0 (or ref None) drops the KL term."""
+    kl_estimator 0 (or ref None) drops the KL term; corr 2 weighs the pg term as the forward."""
     grad = torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)
     k = kl_estimator if ref is not None else 0
+    c = corr if roll is not None else 0
     _kernels(backend).pl_bwd(logp, old, adv, mask, _placeholder(ref, old), lo, hi, dual_c, k,
-                             g.contiguous(), grad)
+                             _placeholder(roll, old), c, cap, g.contiguous(), grad)
     return grad
 
 
 @_bwd.register_fake
-def _(g, logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, backend):
+def _(g, logp, old, adv, mask, ref, roll, lo, hi, dual_c, kl_estimator, corr, cap, backend):
     return torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, kl_in_loss, backend = inputs
-    ctx.save_for_backward(logp, old, adv, mask, ref)
-    ctx.args = (lo, hi, dual_c, kl_estimator if kl_in_loss else 0, backend)
+    logp, old, adv, mask, ref, roll, lo, hi, dual_c, kl_estimator, kl_in_loss, corr, cap, backend = inputs
+    ctx.save_for_backward(logp, old, adv, mask, ref, roll)
+    ctx.args = (lo, hi, dual_c, kl_estimator if kl_in_loss else 0, corr, cap, backend)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, g_loss, g_metrics):
-    logp, old, adv, mask, ref = ctx.saved_tensors
-    lo, hi, dual_c, kl_estimator, backend = ctx.args
+    logp, old, adv, mask, ref, roll = ctx.saved_tensors
+    lo, hi, dual_c, kl_estimator, corr, cap, backend = ctx.args
     if g_loss is None:
-        return (None,) * 11
-    grad = _bwd(g_loss, logp, old, adv, mask, ref, lo, hi, dual_c, kl_estimator, backend)
-    return (grad,) + (None,) * 10
+        return (None,) * 14
+    grad = _bwd(g_loss, logp, old, adv, mask, ref, roll, lo, hi, dual_c, kl_estimator, corr, cap, backend)
+    return (grad,) + (None,) * 13
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -111,7 +119,8 @@ def _finite_number(x, name: str) -> float:
 
 
 def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens):
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens,
+                   rollout_logprobs, rollout_correction, rollout_cap):
     _validate.tensor(logprobs, "logprobs", dtypes=_validate.FLOAT_DTYPES, dim=2)
     shape = tuple(logprobs.shape)
     if shape[0] == 0 or shape[1] == 0:
@@ -135,6 +144,23 @@ def _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_
         if tuple(ref_logprobs.shape) != shape:
             raise ValueError(f"ref_logprobs must have logprobs' shape {shape}, got {tuple(ref_logprobs.shape)}")
         named.append(("ref_logprobs", ref_logprobs))
+    if rollout_logprobs is not None:
+        _validate.tensor(rollout_logprobs, "rollout_logprobs", dtypes=_validate.FLOAT_DTYPES)
+        if tuple(rollout_logprobs.shape) != shape:
+            raise ValueError(f"rollout_logprobs must have logprobs' shape {shape}, "
+                             f"got {tuple(rollout_logprobs.shape)}")
+        named.append(("rollout_logprobs", rollout_logprobs))
+    if rollout_correction is not None:
+        if rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"rollout_correction must be None or one of {ROLLOUT_CORRECTIONS}, "
+                             f"got {rollout_correction!r}")
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_logprobs "
+                             "(the rollout engine's log-probs of the sampled tokens)")
+    cap = _finite_number(rollout_cap, "rollout_cap")
+    if rollout_correction is not None and not cap > (0 if rollout_correction == "tis" else 1):
+        raise ValueError(f"rollout_cap must be > {0 if rollout_correction == 'tis' else 1} for "
+                         f"rollout_correction={rollout_correction!r}, got {rollout_cap!r}")
     for name, count in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
         if isinstance(count, Tensor):
             if count.numel() != 1:
@@ -188,14 +214,14 @@ def _as_u8(mask: Tensor) -> Tensor:
     return (mask != 0).view(torch.uint8)
 
 
-def _prepare(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs):
+def _prepare(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs=None):
     """The kernels' [B, T] operands: no copy unless the backend needs one."""
     B, T = logprobs.shape
     adv = advantages.unsqueeze(-1).expand(B, T) if advantages.dim() == 1 else advantages
     m = _as_u8(mask)
-    lp, old, ref = logprobs, old_logprobs, ref_logprobs
+    lp, old, ref, roll = logprobs, old_logprobs, ref_logprobs, rollout_logprobs
     if backend == "triton":
-        return lp, old, adv, m, ref
+        return lp, old, adv, m, ref, roll
     # C++: old / adv / ref in the accumulation dtype, unit column stride (adv: or 0).
     acc = acc_dtype(lp.dtype)
 
@@ -209,7 +235,8 @@ def _prepare(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs):
     adv = cols(adv.to(acc), allow0=True)
     m = cols(m)
     ref = None if ref is None else cols(ref.to(acc))
-    return lp, old, adv, m, ref
+    roll = None if roll is None else cols(roll.to(acc))
+    return lp, old, adv, m, ref, roll
 
 
 def policy_loss(
@@ -228,6 +255,9 @@ def policy_loss(
     num_tokens: int | float | Tensor | None = None,
     num_seqs: int | float | Tensor | None = None,
     norm_tokens: int | float | None = None,
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss with an optional KL penalty, fused forward and backward.
@@ -259,6 +289,15 @@ def policy_loss(
         num_seqs: the seq-means' number of sequences; default B. Give the global count likewise.
         norm_tokens: seq-mean-token-sum-norm's constant length L; default T (the padded width,
             which changes with the batch: give the trainer's constant).
+        rollout_logprobs: [B, T] float or None: the rollout engine's log-probs of the sampled
+            tokens, when old_logprobs are the trainer's own (recomputed). Alone it only adds the
+            rollout metrics; with rollout_correction it corrects the sampler / trainer mismatch.
+        rollout_correction: None, "tis" (each token's pg term times min(exp(old - rollout),
+            rollout_cap): truncated importance sampling) or "seq_mask" (a sequence's pg terms
+            dropped when prod_t exp(old - rollout) over its masked tokens leaves
+            [1 / rollout_cap, rollout_cap]). The weights are constants (no gradient) and leave
+            the KL term and the aggregation's counts as they are; fused in the same pass.
+        rollout_cap: the cap (> 0 for tis, > 1 for seq_mask); default 2.
         backend: "cpu" | "triton" | "torch" | None (auto; see axpo.ops._backend).
 
     Returns:
@@ -268,24 +307,32 @@ def policy_loss(
             clipfrac_high (its parts with A < 0, ratio < 1 - clip_low / A > 0, ratio > 1 +
             clip_high), clipfrac_dual (verl's pg_clipfrac_lower; 0 without dual clip), approx_kl
             (verl's ppo_kl: mean of clamp(old - logp, -20, 20)), ratio_mean, and kl_mean when
-            ref_logprobs is given.
+            ref_logprobs is given; with rollout_logprobs also rollout_weight_mean (the mean
+            correction weight, 1 without correction), rollout_corrected_frac (the tokens truncated
+            by tis, or in sequences masked by seq_mask) and rollout_kl (mean of rollout - old:
+            KL(pi_rollout || pi_old) estimated on the sampled tokens).
     """
     _validate_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens)
+                   clip_ratio_c, kl_coef, kl_estimator, agg, num_tokens, num_seqs, norm_tokens,
+                   rollout_logprobs, rollout_correction, rollout_cap)
     chosen = _backend.resolve(_OP, logprobs.device, backend)
     if chosen == "torch":
         return reference.policy_loss(
             logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
             clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_estimator=kl_estimator, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-            norm_tokens=norm_tokens,
+            norm_tokens=norm_tokens, rollout_logprobs=rollout_logprobs,
+            rollout_correction=rollout_correction, rollout_cap=rollout_cap,
         )
-    lp, old, adv, m, ref = _prepare(chosen, logprobs, old_logprobs, advantages, mask, ref_logprobs)
+    lp, old, adv, m, ref, roll = _prepare(chosen, logprobs, old_logprobs, advantages, mask, ref_logprobs,
+                                          rollout_logprobs)
     lo, hi = 1.0 - float(clip_low), 1.0 + float(clip_high)
     dual_c = float(clip_ratio_c) if clip_ratio_c is not None else 0.0
     kl_code = _KL_CODE[kl_estimator] if ref is not None else 0
     kl_in_loss = ref is not None and kl_coef != 0
-    sums, msums = _fwd(lp, old, adv, m, ref, lo, hi, dual_c, kl_code, kl_in_loss, chosen)
+    corr = 0 if roll is None else (2 if rollout_correction == "tis" else 1)
+    cap = float(rollout_cap)
+    sums, msums = _fwd(lp, old, adv, m, ref, roll, lo, hi, dual_c, kl_code, kl_in_loss, corr, cap, chosen)
 
     acc = sums.dtype
     B, T = logprobs.shape
@@ -308,7 +355,12 @@ def policy_loss(
     else:  # seq-mean-token-sum-norm
         length = float(T if norm_tokens is None else norm_tokens)
         w = torch.full((B,), 1.0 / length, dtype=acc, device=count.device) / seqs
-    row_loss = sums[0] + float(kl_coef) * sums[1] if kl_in_loss else sums[0]
+    pg_rows = sums[0]
+    keep = None
+    if rollout_correction == "seq_mask":  # per row: the forward's sum of old - rollout
+        keep = msums[ROLL_LR - COUNT].abs() <= math.log(cap)
+        pg_rows = torch.where(keep, pg_rows, torch.zeros_like(pg_rows))
+    row_loss = pg_rows + float(kl_coef) * sums[1] if kl_in_loss else pg_rows
     loss = (w * row_loss).sum()
 
     tot = msums.sum(-1)  # count, clip_low, clip_high, clip_dual, neg_kl, ratio
@@ -321,6 +373,15 @@ def policy_loss(
         "approx_kl": tot[4] * inv,
         "ratio_mean": tot[5] * inv,
     }
+    if roll is not None:
+        if keep is not None:
+            kept = torch.where(keep, msums[0], torch.zeros_like(msums[0])).sum()
+            metrics["rollout_weight_mean"] = kept * inv
+            metrics["rollout_corrected_frac"] = (tot[0] - kept) * inv
+        else:
+            metrics["rollout_weight_mean"] = tot[WEIGHT - COUNT] * inv
+            metrics["rollout_corrected_frac"] = tot[TRUNCATED - COUNT] * inv
+        metrics["rollout_kl"] = -tot[ROLL_LR - COUNT] * inv
     if ref is not None:
         metrics["kl_mean"] = sums[1].detach().sum() * inv
     return loss, {k: v.detach().float() for k, v in metrics.items()}

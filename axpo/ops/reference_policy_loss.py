@@ -21,14 +21,21 @@ Differences from verl, all on inputs where verl itself gives NaN or an undefined
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._dtypes import acc_dtype
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
+# Rollout-mismatch corrections with the sampler's log-probs (rollout_logprobs), as verl's rollout
+# correction and TRL's vllm_importance_sampling_correction: "tis" weighs each token's pg term by
+# min(pi_old / pi_rollout, cap) (token-level truncated importance sampling); "seq_mask" drops the
+# pg term of a sequence whose ratio prod_t pi_old / pi_rollout leaves [1 / cap, cap].
+ROLLOUT_CORRECTIONS = ("tis", "seq_mask")
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_dual", "approx_kl",
-                "ratio_mean", "kl_mean")
+                "ratio_mean", "kl_mean", "rollout_weight_mean", "rollout_corrected_frac", "rollout_kl")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,6 +112,9 @@ def policy_loss(
     num_tokens: int | float | torch.Tensor | None = None,
     num_seqs: int | float | torch.Tensor | None = None,
     norm_tokens: int | float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + optional KL penalty, aggregated; returns (loss, metrics).
 
@@ -114,6 +124,11 @@ def policy_loss(
     parts), clipfrac_dual (verl's pg_clipfrac_lower; 0 without dual clip), approx_kl (verl's ppo_kl:
     mean of the clamped old - logp), ratio_mean, kl_mean (with ref_logprobs): masked means, 0-d fp32,
     0 for an empty mask.
+    rollout_logprobs [B, T] (the sampler's log-probs) with rollout_correction None (metrics only),
+    "tis" or "seq_mask" (ROLLOUT_CORRECTIONS) and rollout_cap: the correction weights the pg
+    term only (not the KL), as constants; metrics rollout_weight_mean (mean weight),
+    rollout_corrected_frac (tokens truncated, or in masked sequences) and rollout_kl (mean of
+    rollout - old: the k1 estimate of KL(pi_rollout || pi_old) on the sampled tokens).
     """
     dt = acc_dtype(logprobs.dtype)
     log_prob = logprobs.to(dt)
@@ -147,6 +162,20 @@ def policy_loss(
         pg_losses = clip_pg_losses1
 
     loss_mat = pg_losses
+    if rollout_logprobs is not None:
+        lr = old_log_prob - rollout_logprobs.to(dt)  # log pi_old / pi_rollout
+        rr = torch.exp(lr)
+        if rollout_correction == "tis":
+            weight = torch.clamp(rr, max=rollout_cap)  # NaN stays NaN
+            corrected = rr > rollout_cap
+        elif rollout_correction == "seq_mask":
+            seq_lr = torch.where(response_mask, lr, torch.zeros_like(lr)).sum(-1, keepdim=True)
+            keep = seq_lr.abs() <= math.log(rollout_cap)
+            weight = keep.to(dt).expand_as(lr)
+            corrected = (~keep).expand_as(lr)
+        else:
+            weight, corrected = torch.ones_like(lr), torch.zeros_like(lr, dtype=torch.bool)
+        loss_mat = loss_mat * weight.detach()
     metrics = {
         "clipfrac": pg_clipfrac,
         "clipfrac_low": clipfrac_low,
@@ -155,6 +184,10 @@ def policy_loss(
         "approx_kl": ppo_kl,
         "ratio_mean": masked_mean(ratio, response_mask),
     }
+    if rollout_logprobs is not None:
+        metrics["rollout_weight_mean"] = masked_mean(weight, response_mask)
+        metrics["rollout_corrected_frac"] = masked_mean(corrected.to(dt), response_mask)
+        metrics["rollout_kl"] = masked_mean(-lr, response_mask)
     if ref_logprobs is not None:
         kld = kl_penalty(log_prob, ref_logprobs.to(dt), kl_estimator, ratio)
         metrics["kl_mean"] = masked_mean(kld, response_mask)

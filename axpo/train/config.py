@@ -19,7 +19,7 @@ import yaml
 
 from ..algo.config import SCORES, TIE_BREAKS
 from ..algo.methods import LOSS_AGGS, get_method, method_names
-from ..ops.reference_policy_loss import KL_ESTIMATORS
+from ..ops.reference_policy_loss import KL_ESTIMATORS, ROLLOUT_CORRECTIONS
 from ..rollout.reward import REWARDS
 from ..tasks import TASKS
 from ..tasks.zoom_digits import REGIMES
@@ -109,6 +109,15 @@ class RlConfig:
     # optimizer steps per rollout batch (the batch is split in this many mini-batches)
     updates_per_step: int = 1
     entropy_coef: float = 0.0
+    # old log-probs: the rollout engine's (false) or the trainer's own forward of the batch before
+    # the update (true); null: per engine (vllm: true, since its kernels and its banned vision
+    # placeholders give other log-probs; transformers: false, its sampler is the trainer's model)
+    recompute_old_logprobs: bool | None = None
+    # with recomputed old log-probs, the sampler / trainer mismatch correction on the engine's:
+    # null (its metrics only) | tis (token weights min(pi_old / pi_rollout, cap)) | seq_mask (drop a
+    # sequence whose ratio leaves [1 / cap, cap]) | auto: tis when the old log-probs are recomputed
+    rollout_correction: str | None = "auto"
+    rollout_cap: float = 2.0      # tis: the weight cap; seq_mask: the bound on a sequence's ratio
 
 
 @dataclass
@@ -225,6 +234,11 @@ class Config:
         choice("rl.tie_break", self.rl.tie_break, TIE_BREAKS)
         choice("rl.kl_estimator", self.rl.kl_estimator, KL_ESTIMATORS)
         choice("rl.loss_agg", self.rl.loss_agg, (None,) + tuple(LOSS_AGGS))
+        choice("rl.rollout_correction", self.rl.rollout_correction, (None, "auto") + ROLLOUT_CORRECTIONS)
+        need(self.rl.rollout_correction in (None, "auto") or self.recompute_old_logprobs, "rl.rollout_correction",
+             "null or auto unless the old log-probs are recomputed (rl.recompute_old_logprobs: with the engine's "
+             "own log-probs as the old ones there is no mismatch to correct)")
+        need(math.isfinite(self.rl.rollout_cap) and self.rl.rollout_cap > 1, "rl.rollout_cap", "a number > 1")
         choice("rollout.engine", self.rollout.engine, ("transformers", "vllm"))
         choice("trainer.device", self.trainer.device, ("auto", "cpu", "cuda"))
         choice("trainer.dtype", self.trainer.dtype, ("float32", "bfloat16"))
@@ -265,6 +279,20 @@ class Config:
         need(self.rollout.max_new_tokens < self.rollout.max_total_tokens, "rollout.max_new_tokens",
              f"less than rollout.max_total_tokens ({self.rollout.max_total_tokens})")
         return self
+
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        """rl.recompute_old_logprobs, or the engine's default (vllm: true, transformers: false)."""
+        if self.rl.recompute_old_logprobs is not None:
+            return bool(self.rl.recompute_old_logprobs)
+        return self.rollout.engine == "vllm"
+
+    @property
+    def rollout_correction(self) -> str | None:
+        """rl.rollout_correction with "auto" resolved: tis when the old log-probs are recomputed."""
+        if self.rl.rollout_correction == "auto":
+            return "tis" if self.recompute_old_logprobs else None
+        return self.rl.rollout_correction
 
     @property
     def loss_agg(self) -> str:

@@ -54,14 +54,17 @@ def rl_step(run: RunState, trainer: PolicyTrainer, engine, reference, step: int,
     # mini-batches by group: chunk j holds this rank's groups j, j + U, ...
     U = cfg.rl.updates_per_step
     chunk_of = {g: j % U for j, g in enumerate(my_groups)}
-    chunks = [[s for s in samples if chunk_of.get(s.group_id) == j] for j in range(U)]
+    chunks = [[Row.from_sample(s) for s in samples if chunk_of.get(s.group_id) == j] for j in range(U)]
     t1 = time.perf_counter()
+    if cfg.recompute_old_logprobs:  # before any update of the step: pi_old is the policy that sampled
+        trainer.recompute_old_logprobs([r for chunk in chunks for r in chunk], cfg.rollout.temperature)
     train_metrics: dict[str, float] = {}
     for chunk in chunks:
-        m = trainer.rl_step([Row.from_sample(s) for s in chunk], agg=cfg.loss_agg, clip_low=cfg.rl.clip_low,
+        m = trainer.rl_step(chunk, agg=cfg.loss_agg, clip_low=cfg.rl.clip_low,
                             clip_high=cfg.rl.clip_high, kl_coef=cfg.rl.kl_coef, kl_estimator=cfg.rl.kl_estimator,
                             temperature=cfg.rollout.temperature, reference=reference,
-                            norm_tokens=cfg.rl.loss_norm_tokens, entropy_coef=cfg.rl.entropy_coef)
+                            norm_tokens=cfg.rl.loss_norm_tokens, entropy_coef=cfg.rl.entropy_coef,
+                            rollout_correction=cfg.rollout_correction, rollout_cap=cfg.rl.rollout_cap)
         for k, v in m.items():  # mean over the updates
             train_metrics[k] = train_metrics.get(k, 0.0) + v / U
     engine.load_weights(trainer.weights())  # weight sync to the rollout engine

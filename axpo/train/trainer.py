@@ -40,6 +40,7 @@ class Row:
     loss_mask: Tensor
     advantages: Tensor | None = None
     old_logprobs: Tensor | None = None
+    rollout_logprobs: Tensor | None = None  # the engine's, when old_logprobs are the trainer's own
 
     @classmethod
     def from_sample(cls, s: TrainSample) -> "Row":
@@ -191,6 +192,27 @@ class PolicyTrainer:
         return float(self.engine.get_lr()[0])
 
     # -- one update over micro-batches ----------------------------------------------------------
+    def recompute_old_logprobs(self, rows: Sequence[Row], temperature: float) -> None:
+        """Replaces each row's old_logprobs by the trainer's own log-probs of its trained tokens
+        (a no-grad forward of the current weights), keeping the engine's as rollout_logprobs.
+        Every rank runs the same number of forwards (ZeRO-3 gathers parameters in each)."""
+        groups = micro_batches([len(r.token_ids) for r in rows], self.cfg.micro_batch_tokens)
+        (n_max,) = all_reduce_max([len(groups)])
+        with torch.no_grad():
+            for i in range(int(n_max)):
+                real = i < len(groups)
+                mb = [rows[j] for j in (groups[i] if real else groups[0] if groups else [])]
+                if not mb:
+                    raise ValueError(f"rank {self.dist.rank} has no samples to train on: give every data-parallel "
+                                     "rank at least one question (rl.questions_per_step >= world size)")
+                inputs, select = _to_inputs(self.policy, mb, self.pad_id, self.dist.device)
+                logp, _ = self.engine(inputs, select, temperature)
+                if real:
+                    logp = logp.float().cpu()
+                    for b, r in enumerate(mb):
+                        r.rollout_logprobs = r.old_logprobs
+                        r.old_logprobs = logp[b, :len(r.token_ids)].clone()
+
     def _accumulate(self, rows: Sequence[Row], loss_fn, temperature: float) -> tuple[float, dict[str, float]]:
         """Forward/backward of `rows` in micro-batches, then one optimizer step.
 
@@ -236,10 +258,13 @@ class PolicyTrainer:
 
     def rl_step(self, rows: Sequence[Row], *, agg: str, clip_low: float, clip_high: float, kl_coef: float,
                 kl_estimator: str, temperature: float, reference: ReferencePolicy | None = None,
-                norm_tokens: int = 256, entropy_coef: float = 0.0) -> dict[str, float]:
+                norm_tokens: int = 256, entropy_coef: float = 0.0, rollout_correction: str | None = None,
+                rollout_cap: float = 2.0) -> dict[str, float]:
         """One optimizer step of the clipped policy-gradient loss (+ KL to the reference) on
         this rank's rows; `agg` (an axpo.ops.policy_loss mode) over the GLOBAL batch (see module
-        docstring); norm_tokens: seq-mean-token-sum-norm's constant length."""
+        docstring); norm_tokens: seq-mean-token-sum-norm's constant length. Rows that carry
+        rollout_logprobs (recompute_old_logprobs) get axpo.ops.policy_loss's rollout metrics and
+        `rollout_correction` (None, "tis", "seq_mask") with `rollout_cap`."""
         world = self.dist.world
         tokens, streams = all_reduce_sum([sum(int(r.loss_mask.sum()) for r in rows), len(rows)])
         # global counts, divided by the world size because DeepSpeed averages the ranks' gradients
@@ -256,9 +281,13 @@ class PolicyTrainer:
             old = _pad_field(mb, "old_logprobs", t, select.device)
             adv = _pad_field(mb, "advantages", t, select.device)
             ref = reference.logprobs(inputs, select, temperature) if use_kl else None
+            rollout = (_pad_field(mb, "rollout_logprobs", t, select.device)
+                       if all(r.rollout_logprobs is not None for r in mb) else None)
             loss, m = policy_loss(logp, old, adv, select, clip_low=clip_low, clip_high=clip_high,
                                   ref_logprobs=ref, kl_coef=kl_coef if use_kl else 0.0, kl_estimator=kl_estimator,
-                                  agg=agg, **counts)
+                                  agg=agg, rollout_logprobs=rollout,
+                                  rollout_correction=rollout_correction if rollout is not None else None,
+                                  rollout_cap=rollout_cap, **counts)
             entropy_sum = ent.sum()  # 0 off the selected tokens
             if entropy_coef > 0:
                 loss = loss - entropy_coef * entropy_sum / (max(tokens, 1.0) / world)

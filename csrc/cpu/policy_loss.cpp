@@ -2,7 +2,7 @@
 //
 // Rows are split over threads with at::parallel_for; each row is one branch-free loop the
 // compiler vectorizes (selects instead of branches, a polynomial exp for float). The loop is
-// specialized on the KL estimator, the dual clip and the advantage layout ([B] or [B, T]);
+// specialized on the KL estimator, the rollout correction and the advantage layout ([B] or [B, T]);
 // the entry points are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones).
 #include "../policy_loss.h"
 #include "../policy_loss_args.h"
@@ -29,10 +29,12 @@ AXPO_CPU_INLINE double pl_exp_ratio(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct Consts {
-  acc_t lo, hi, c;
+  acc_t lo, hi, c;  // 1 - clip_low, 1 + clip_high, clip_ratio_c (+inf: no dual clip)
+  acc_t tis, cap;   // rollout correction: tis 1 weighs pg by min(pi_old / pi_rollout, cap)
 };
 
-// The loss pieces of one token (see ../policy_loss.h); kDual: dual clip on.
+// The loss pieces of one token (see ../policy_loss.h); kDual: dual clip on (always, with +inf
+// for none: see fwd_rows).
 template <typename acc_t, bool kDual>
 struct Token {
   acc_t dc, r, na, pg1, pg2, c1, pg3, pg;
@@ -106,7 +108,11 @@ constexpr int64_t kTile = 512;      // tokens per forward tile: 8 buffers of 2 K
 constexpr int64_t kBwdTile = 1024;  // tokens per backward tile: 4 KiB of fp32, stays in L1
 
 
-template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
+// kCorr: rollout log-probs are read (the correction's weights and statistics). The dual-clip loop
+// always runs, with clip_ratio_c = +inf when there is none: the same numbers (min(c1, +inf) = c1,
+// no dual count, and a gradient factor of 1), and GCC 12 vectorizes it where it does not
+// vectorize the plain one (measured: ~2.3 vs ~12 ns / token on AVX2).
+template <typename scalar_t, typename acc_t, int kKl, bool kCorr, bool kAdvRow>
 AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
                              int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
@@ -115,6 +121,7 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
     const acc_t* adv_row = static_cast<const acc_t*>(p.adv) + b * p.s_adv;
     const uint8_t* m_row = p.mask + b * p.s_mask;
     const acc_t* ref_row = static_cast<const acc_t*>(p.ref) + b * p.s_ref;
+    const acc_t* roll_row = static_cast<const acc_t*>(p.roll) + b * p.s_roll;
     const acc_t a_row = kAdvRow ? adv_row[0] : acc_t(0);
     // Tiles: the math loop writes the masked per-token terms to L1 buffers (a loop without
     // reductions, which GCC vectorizes), then one simple vectorized sum per buffer.
@@ -129,20 +136,32 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
         const bool m = mf != acc_t(0);
         const acc_t lp = static_cast<acc_t>(lp_row[t]);
         const acc_t a = kAdvRow ? a_row : adv_row[t];
-        const Token<acc_t, kDual> tok(lp, old_row[t], a, k);
+        const Token<acc_t, true> tok(lp, old_row[t], a, k);
         const acc_t clipped = tok.pg2 > tok.pg1 ? mf : acc_t(0);  // masked flag
-        buf[0][j] = m ? tok.pg : acc_t(0);
+        acc_t w = acc_t(1), lr = acc_t(0), trunc = acc_t(0);
+        if constexpr (kCorr) {
+          lr = old_row[t] - roll_row[t];
+          const acc_t rr = pl_exp(lr);
+          trunc = rr > k.cap ? k.tis * mf : acc_t(0);
+          w = k.tis != acc_t(0) ? (rr > k.cap ? k.cap : rr) : acc_t(1);  // NaN stays NaN
+        }
+        buf[0][j] = m ? tok.pg * w : acc_t(0);
         acc_t klv = acc_t(0);
         if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(lp, ref_row[t], tok.r);
         buf[1][j] = m ? klv : acc_t(0);
         buf[2][j] = mf;
         buf[3][j] = clipped * tok.neg;
         buf[4][j] = a > acc_t(0) ? clipped : acc_t(0);
-        buf[5][j] = kDual && tok.c1 > tok.pg3 ? mf * tok.neg : acc_t(0);
+        buf[5][j] = tok.c1 > tok.pg3 ? mf * tok.neg : acc_t(0);
         buf[6][j] = m ? -tok.dc : acc_t(0);
         buf[7][j] = m ? tok.r : acc_t(0);
+        if constexpr (kCorr) {
+          buf[8][j] = m ? w : acc_t(0);
+          buf[9][j] = trunc;
+          buf[10][j] = m ? lr : acc_t(0);
+        }
       }
-      for (int64_t q = 0; q < kPlStats; ++q) {
+      for (int64_t q = 0; q < (kCorr ? kPlStats : kPlCoreStats); ++q) {
         acc_t s = 0;
         const acc_t* bq = buf[q];
 #pragma omp simd reduction(+ : s)
@@ -151,11 +170,12 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
       }
     }
     acc_t* o = out + b;
+    if constexpr (!kCorr) sums[8] = sums[2];  // weights of 1
     for (int64_t q = 0; q < kPlStats; ++q) o[q * B] = sums[q];
   }
 }
 
-template <typename scalar_t, typename acc_t, int kKl, bool kDual, bool kAdvRow>
+template <typename scalar_t, typename acc_t, int kKl, bool kCorr, bool kAdvRow>
 AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t* g, int64_t B,
                              scalar_t* grad, int64_t s_grad, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
@@ -164,6 +184,7 @@ AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t
     const acc_t* adv_row = static_cast<const acc_t*>(p.adv) + b * p.s_adv;
     const uint8_t* m_row = p.mask + b * p.s_mask;
     const acc_t* ref_row = static_cast<const acc_t*>(p.ref) + b * p.s_ref;
+    const acc_t* roll_row = static_cast<const acc_t*>(p.roll) + b * p.s_roll;
     scalar_t* g_row = grad + b * s_grad;
     const acc_t g_pg = g[b], g_kl = g[B + b];
     const acc_t a_row = kAdvRow ? adv_row[0] : acc_t(0);
@@ -178,8 +199,13 @@ AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t
         const bool m = m_row[t] != 0;
         const acc_t lp = static_cast<acc_t>(lp_row[t]);
         const acc_t a = kAdvRow ? a_row : adv_row[t];
-        const Token<acc_t, kDual> tok(lp, old_row[t], a, k);
-        acc_t d = g_pg * tok.grad(k);
+        const Token<acc_t, true> tok(lp, old_row[t], a, k);
+        acc_t w = acc_t(1);
+        if constexpr (kCorr) {
+          const acc_t rr = pl_exp(old_row[t] - roll_row[t]);
+          w = k.tis != acc_t(0) ? (rr > k.cap ? k.cap : rr) : acc_t(1);
+        }
+        acc_t d = g_pg * (tok.grad(k) * w);
         if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(lp, ref_row[t], tok.r, tok.in_clamp);
         buf[j] = m ? d : acc_t(0);
       }
@@ -189,36 +215,36 @@ AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
+template <typename scalar_t, typename acc_t, bool kCorr, bool kAdvRow>
 AXPO_CPU_INLINE void fwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, acc_t* out, int64_t B,
                            int64_t b0, int64_t b1) {
   switch (kl) {
-    case 1: fwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
-    case 2: fwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
-    case 3: fwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
-    case 4: fwd_rows<scalar_t, acc_t, 4, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
-    default: fwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 1: fwd_rows<scalar_t, acc_t, 1, kCorr, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 2: fwd_rows<scalar_t, acc_t, 2, kCorr, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 3: fwd_rows<scalar_t, acc_t, 3, kCorr, kAdvRow>(p, k, out, B, b0, b1); break;
+    case 4: fwd_rows<scalar_t, acc_t, 4, kCorr, kAdvRow>(p, k, out, B, b0, b1); break;
+    default: fwd_rows<scalar_t, acc_t, 0, kCorr, kAdvRow>(p, k, out, B, b0, b1); break;
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kDual, bool kAdvRow>
+template <typename scalar_t, typename acc_t, bool kCorr, bool kAdvRow>
 AXPO_CPU_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const acc_t* g,
                            int64_t B, scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {
   switch (kl) {
-    case 1: bwd_rows<scalar_t, acc_t, 1, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
-    case 2: bwd_rows<scalar_t, acc_t, 2, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
-    case 3: bwd_rows<scalar_t, acc_t, 3, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
-    case 4: bwd_rows<scalar_t, acc_t, 4, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
-    default: bwd_rows<scalar_t, acc_t, 0, kDual, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 1: bwd_rows<scalar_t, acc_t, 1, kCorr, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 2: bwd_rows<scalar_t, acc_t, 2, kCorr, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 3: bwd_rows<scalar_t, acc_t, 3, kCorr, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    case 4: bwd_rows<scalar_t, acc_t, 4, kCorr, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
+    default: bwd_rows<scalar_t, acc_t, 0, kCorr, kAdvRow>(p, k, g, B, grad, s_grad, b0, b1); break;
   }
 }
 
 // Non-template entry points carry the ISA clones; the templates above inline into each clone.
 #define AXPO_PL_INSTANTIATE(NAME, scalar_t, acc_t)                                                \
-  AXPO_CPU_CLONES void pl_fwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+  AXPO_CPU_CLONES void pl_fwd_##NAME(int kl, bool corr, bool adv_row, const Ptrs& p,              \
                                     const Consts<acc_t>& k, acc_t* out, int64_t B, int64_t b0,   \
                                     int64_t b1) {                                                 \
-    if (dual) {                                                                                   \
+    if (corr) {                                                                                   \
       if (adv_row) fwd_kl<scalar_t, acc_t, true, true>(kl, p, k, out, B, b0, b1);                 \
       else fwd_kl<scalar_t, acc_t, true, false>(kl, p, k, out, B, b0, b1);                        \
     } else {                                                                                      \
@@ -226,10 +252,10 @@ AXPO_CPU_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const
       else fwd_kl<scalar_t, acc_t, false, false>(kl, p, k, out, B, b0, b1);                       \
     }                                                                                             \
   }                                                                                               \
-  AXPO_CPU_CLONES void pl_bwd_##NAME(int kl, bool dual, bool adv_row, const Ptrs& p,              \
+  AXPO_CPU_CLONES void pl_bwd_##NAME(int kl, bool corr, bool adv_row, const Ptrs& p,              \
                                     const Consts<acc_t>& k, const acc_t* g, int64_t B,           \
                                     scalar_t* grad, int64_t s_grad, int64_t b0, int64_t b1) {     \
-    if (dual) {                                                                                   \
+    if (corr) {                                                                                   \
       if (adv_row) bwd_kl<scalar_t, acc_t, true, true>(kl, p, k, g, B, grad, s_grad, b0, b1);     \
       else bwd_kl<scalar_t, acc_t, true, false>(kl, p, k, g, B, grad, s_grad, b0, b1);            \
     } else {                                                                                      \
@@ -237,15 +263,15 @@ AXPO_CPU_INLINE void bwd_kl(int kl, const Ptrs& p, const Consts<acc_t>& k, const
       else bwd_kl<scalar_t, acc_t, false, false>(kl, p, k, g, B, grad, s_grad, b0, b1);           \
     }                                                                                             \
   }                                                                                               \
-  inline void pl_fwd_dispatch(int kl, bool dual, bool adv_row, const Ptrs& p,                    \
+  inline void pl_fwd_dispatch(int kl, bool corr, bool adv_row, const Ptrs& p,                    \
                               const Consts<acc_t>& k, acc_t* out, int64_t B, int64_t b0,         \
                               int64_t b1, const scalar_t*) {                                      \
-    pl_fwd_##NAME(kl, dual, adv_row, p, k, out, B, b0, b1);                                       \
+    pl_fwd_##NAME(kl, corr, adv_row, p, k, out, B, b0, b1);                                       \
   }                                                                                               \
-  inline void pl_bwd_dispatch(int kl, bool dual, bool adv_row, const Ptrs& p,                    \
+  inline void pl_bwd_dispatch(int kl, bool corr, bool adv_row, const Ptrs& p,                    \
                               const Consts<acc_t>& k, const acc_t* g, int64_t B, scalar_t* grad, \
                               int64_t s_grad, int64_t b0, int64_t b1) {                           \
-    pl_bwd_##NAME(kl, dual, adv_row, p, k, g, B, grad, s_grad, b0, b1);                           \
+    pl_bwd_##NAME(kl, corr, adv_row, p, k, g, B, grad, s_grad, b0, b1);                           \
   }
 
 AXPO_PL_INSTANTIATE(f32, float, float)
@@ -263,21 +289,19 @@ inline int64_t grain_rows(int64_t T) {
 
 at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                       const at::Tensor& mask, const at::Tensor& ref, double lo, double hi,
-                      double dual_c, int64_t kl_estimator) {
-  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, at::kCPU);
+                      double dual_c, int64_t kl_estimator, const at::Tensor& roll, int64_t corr,
+                      double cap) {
+  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, roll, corr, cap, at::kCPU);
   auto out = at::zeros({kPlStats, pr.B}, logp.options().dtype(pl_acc_type(logp.scalar_type())));
   if (pr.B == 0 || pr.T == 0) return out;
-  // Without dual clip the forward runs the dual-clip loop with clip_ratio_c = +inf, which gives
-  // the same numbers (min(c1, +inf) = c1, no dual count): GCC 12 vectorizes that loop and not the
-  // plain one (measured: ~2.3 vs ~12 ns / token on AVX2).
-  const bool dual = true;
   const double c_eff = dual_c > 0 ? dual_c : std::numeric_limits<double>::infinity();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(c_eff)};
+    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(c_eff),
+                          static_cast<acc_t>(corr == 2 ? 1 : 0), static_cast<acc_t>(cap)};
     acc_t* o = out.data_ptr<acc_t>();
     at::parallel_for(0, pr.B, grain_rows(pr.T), [&](int64_t b0, int64_t b1) {
-      pl_fwd_dispatch(pr.kl, dual, pr.adv_row, pr.p, k, o, pr.B, b0, b1,
+      pl_fwd_dispatch(pr.kl, corr != 0, pr.adv_row, pr.p, k, o, pr.B, b0, b1,
                       static_cast<const scalar_t*>(nullptr));
     });
   });
@@ -286,8 +310,9 @@ at::Tensor pl_fwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::T
 
 void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                 const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
-                int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp) {
-  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, at::kCPU);
+                int64_t kl_estimator, const at::Tensor& roll, int64_t corr, double cap,
+                const at::Tensor& g, at::Tensor& grad_logp) {
+  const Prepared pr = axpo::pl::prepare(logp, old, adv, mask, ref, kl_estimator, roll, corr, cap, at::kCPU);
   const auto acc = pl_acc_type(logp.scalar_type());
   TORCH_CHECK(g.device().is_cpu() && g.dim() == 2 && g.size(0) == 2 && g.size(1) == pr.B &&
                   g.scalar_type() == acc && g.is_contiguous(),
@@ -295,16 +320,16 @@ void pl_bwd_cpu(const at::Tensor& logp, const at::Tensor& old, const at::Tensor&
               g.scalar_type());
   axpo::pl::check_bt(grad_logp, "grad_logp", pr.B, pr.T, logp.scalar_type(), at::kCPU);
   if (pr.B == 0 || pr.T == 0) return;
-  const bool dual = dual_c > 0;
+  const double c_eff = dual_c > 0 ? dual_c : std::numeric_limits<double>::infinity();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi),
-                          static_cast<acc_t>(dual ? dual_c : 0.0)};
+    const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi), static_cast<acc_t>(c_eff),
+                          static_cast<acc_t>(corr == 2 ? 1 : 0), static_cast<acc_t>(cap)};
     const acc_t* gp = g.data_ptr<acc_t>();
     scalar_t* out = grad_logp.data_ptr<scalar_t>();
     const int64_t s_grad = grad_logp.stride(0);
     at::parallel_for(0, pr.B, grain_rows(pr.T), [&](int64_t b0, int64_t b1) {
-      pl_bwd_dispatch(pr.kl, dual, pr.adv_row, pr.p, k, gp, pr.B, out, s_grad, b0, b1);
+      pl_bwd_dispatch(pr.kl, corr == 2, pr.adv_row, pr.p, k, gp, pr.B, out, s_grad, b0, b1);
     });
   });
 }

@@ -34,7 +34,17 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 template <typename acc_t>
 struct Consts {
   acc_t lo, hi, c;  // 1 - clip_low, 1 + clip_high, clip_ratio_c (dual clip)
+  bool tis;         // rollout correction 2: pg weighed by min(exp(old - roll), cap)
+  acc_t cap;
 };
+
+// The rollout-correction weight of a token: min(exp(lr), cap) under TIS, else 1 (NaN stays NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t rollout_weight(acc_t lr, const Consts<acc_t>& k, bool* truncated) {
+  const acc_t rr = exp_acc(lr);
+  *truncated = k.tis && rr > k.cap;
+  return k.tis ? (rr > k.cap ? k.cap : rr) : acc_t(1);
+}
 
 // The loss pieces of one token (../policy_loss.h); `dual`: dual clip on.
 template <typename acc_t>
@@ -100,10 +110,10 @@ __device__ __forceinline__ acc_t kl_grad(acc_t lp, acc_t ref, acc_t r, bool in_c
   return acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t, int kKl>
+template <typename scalar_t, typename acc_t, int kKl, bool kCorr>
 __global__ void __launch_bounds__(kThreads) pl_fwd_kernel(
     // data pointers
-    Ptrs p,            // logp [B, T] scalar_t; old / adv / ref [B, T] acc_t; mask [B, T] uint8
+    Ptrs p,            // logp [B, T] scalar_t; old / adv / ref / roll [B, T] acc_t; mask [B, T] uint8
     acc_t* partial,    // [kPlStats, B, tiles] per-tile sums
     // shapes / strides
     int64_t B, int64_t tiles, int64_t s_adv_t,  // s_adv_t: adv's column stride (0 or 1)
@@ -115,6 +125,7 @@ __global__ void __launch_bounds__(kThreads) pl_fwd_kernel(
   const acc_t* adv_row = static_cast<const acc_t*>(p.adv) + b * p.s_adv;
   const uint8_t* m_row = p.mask + b * p.s_mask;
   const acc_t* ref_row = static_cast<const acc_t*>(p.ref) + b * p.s_ref;
+  const acc_t* roll_row = static_cast<const acc_t*>(p.roll) + b * p.s_roll;
   acc_t sums[kPlStats];
 #pragma unroll
   for (int q = 0; q < kPlStats; ++q) sums[q] = acc_t(0);
@@ -125,7 +136,16 @@ __global__ void __launch_bounds__(kThreads) pl_fwd_kernel(
     const acc_t a = adv_row[t * s_adv_t];
     const Token<acc_t> tok(lp, old_row[t], a, k, dual);
     const bool clipped = tok.pg2 > tok.pg1;
-    sums[0] += tok.pg;
+    acc_t w = acc_t(1);
+    if constexpr (kCorr) {
+      const acc_t lr = old_row[t] - roll_row[t];
+      bool truncated;
+      w = rollout_weight(lr, k, &truncated);
+      sums[9] += truncated ? acc_t(1) : acc_t(0);
+      sums[10] += lr;
+    }
+    sums[8] += w;
+    sums[0] += tok.pg * w;
     if constexpr (kKl != 0) sums[1] += kl_value<acc_t, kKl>(lp, ref_row[t], tok.r);
     sums[2] += acc_t(1);
     sums[3] += clipped && tok.neg ? acc_t(1) : acc_t(0);
@@ -150,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) pl_fwd_kernel(
   }
 }
 
-template <typename scalar_t, typename acc_t, int kKl>
+template <typename scalar_t, typename acc_t, int kKl, bool kCorr>
 __global__ void __launch_bounds__(kThreads) pl_bwd_kernel(
     // data pointers
     Ptrs p,            // as in pl_fwd_kernel
@@ -172,7 +192,12 @@ __global__ void __launch_bounds__(kThreads) pl_bwd_kernel(
   const acc_t old = static_cast<const acc_t*>(p.old)[b * p.s_old + t];
   const acc_t a = static_cast<const acc_t*>(p.adv)[b * p.s_adv + t * s_adv_t];
   const Token<acc_t> tok(lp, old, a, k, dual);
-  acc_t d = g[b] * tok.grad(k, dual);
+  acc_t dpg = tok.grad(k, dual);
+  if constexpr (kCorr) {
+    bool truncated;
+    dpg *= rollout_weight(old - static_cast<const acc_t*>(p.roll)[b * p.s_roll + t], k, &truncated);
+  }
+  acc_t d = g[b] * dpg;
   if constexpr (kKl != 0) {
     const acc_t ref = static_cast<const acc_t*>(p.ref)[b * p.s_ref + t];
     d += g[B + b] * kl_grad<acc_t, kKl>(lp, ref, tok.r, tok.in_clamp);
@@ -180,15 +205,20 @@ __global__ void __launch_bounds__(kThreads) pl_bwd_kernel(
   *out = static_cast<scalar_t>(d);
 }
 
-// Calls f(std::integral_constant<int, KL>) for the runtime kl_estimator (0..4).
+// Calls f(std::integral_constant<int, KL>, std::bool_constant<CORR>) for the runtime
+// kl_estimator (0..4) and whether the rollout log-probs are read.
 template <typename F>
-void with_kl(int kl, F&& f) {
+void with_kl(int kl, bool corr, F&& f) {
+  auto go = [&](auto kk) {
+    if (corr) f(kk, std::true_type{});
+    else f(kk, std::false_type{});
+  };
   switch (kl) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 0>{}); break;
+    case 1: go(std::integral_constant<int, 1>{}); break;
+    case 2: go(std::integral_constant<int, 2>{}); break;
+    case 3: go(std::integral_constant<int, 3>{}); break;
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    default: go(std::integral_constant<int, 0>{}); break;
   }
 }
 
@@ -198,9 +228,10 @@ void with_kl(int kl, F&& f) {
 
 at::Tensor pl_fwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                        const at::Tensor& mask, const at::Tensor& ref, double lo, double hi,
-                       double dual_c, int64_t kl_estimator) {
+                       double dual_c, int64_t kl_estimator, const at::Tensor& roll, int64_t corr,
+                       double cap) {
   using namespace axpo::pl;
-  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator, at::kCUDA);
+  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator, roll, corr, cap, at::kCUDA);
   const auto acc = pl_acc_type(logp.scalar_type());
   AxpoCudaDeviceGuard guard(logp.get_device());
   if (pr.B == 0 || pr.T == 0) return at::zeros({kPlStats, pr.B}, logp.options().dtype(acc));
@@ -214,9 +245,9 @@ at::Tensor pl_fwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi),
-                          static_cast<acc_t>(dual ? dual_c : 0.0)};
-    with_kl(pr.kl, [&](auto kl) {
-      pl_fwd_kernel<scalar_t, acc_t, decltype(kl)::value>
+                          static_cast<acc_t>(dual ? dual_c : 0.0), corr == 2, static_cast<acc_t>(cap)};
+    with_kl(pr.kl, corr != 0, [&](auto kl, auto with_roll) {
+      pl_fwd_kernel<scalar_t, acc_t, decltype(kl)::value, decltype(with_roll)::value>
           <<<dim3(static_cast<unsigned>(pr.B), static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
               pr.p, partial.data_ptr<acc_t>(), pr.B, tiles, s_adv_t, k, dual);
       axpo::check_launch("pl_fwd_cuda: pl_fwd_kernel");
@@ -227,9 +258,10 @@ at::Tensor pl_fwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::
 
 void pl_bwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
                  const at::Tensor& mask, const at::Tensor& ref, double lo, double hi, double dual_c,
-                 int64_t kl_estimator, const at::Tensor& g, at::Tensor& grad_logp) {
+                 int64_t kl_estimator, const at::Tensor& roll, int64_t corr, double cap,
+                 const at::Tensor& g, at::Tensor& grad_logp) {
   using namespace axpo::pl;
-  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator, at::kCUDA);
+  const Prepared pr = prepare(logp, old, adv, mask, ref, kl_estimator, roll, corr, cap, at::kCUDA);
   const auto acc = pl_acc_type(logp.scalar_type());
   TORCH_CHECK(g.device() == logp.device() && g.dim() == 2 && g.size(0) == 2 && g.size(1) == pr.B &&
                   g.scalar_type() == acc && g.is_contiguous(),
@@ -248,9 +280,10 @@ void pl_bwd_cuda(const at::Tensor& logp, const at::Tensor& old, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pl_bwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const Consts<acc_t> k{static_cast<acc_t>(lo), static_cast<acc_t>(hi),
-                          static_cast<acc_t>(dual ? dual_c : 0.0)};
-    with_kl(pr.kl, [&](auto kl) {
-      pl_bwd_kernel<scalar_t, acc_t, decltype(kl)::value>
+                          static_cast<acc_t>(dual ? dual_c : 0.0), corr == 2, static_cast<acc_t>(cap)};
+    // only TIS changes the gradient: the statistics-only correction runs the plain backward
+    with_kl(pr.kl, corr == 2, [&](auto kl, auto with_roll) {
+      pl_bwd_kernel<scalar_t, acc_t, decltype(kl)::value, decltype(with_roll)::value>
           <<<dim3(blocks_t, static_cast<unsigned>(pr.B)), kThreads, 0, stream>>>(
               pr.p, g.data_ptr<acc_t>(), grad_logp.data_ptr<scalar_t>(), pr.B, s_adv_t,
               grad_logp.stride(0), k, dual);

@@ -354,6 +354,90 @@ def test_k3_ratio_is_k3_weighted_by_the_clamped_ratio(any_backend):
 
 
 # --------------------------------------------------------------------------------------------
+# rollout-mismatch correction
+# --------------------------------------------------------------------------------------------
+def _with_rollout(inputs, scale=0.5, seed=0):
+    """rollout log-probs off the old ones by up to a few nats, so that tis truncates some tokens
+    and seq_mask drops some rows but not all."""
+    g = torch.Generator().manual_seed(seed)
+    old = inputs["old_logprobs"]
+    noise = torch.randn(old.shape, generator=g, dtype=torch.float64).to(old) * scale
+    noise[0, :3] = torch.tensor([-2.0, 1.5, -0.01]).to(old)  # exp(2) > cap: truncated
+    roll = old + noise
+    if old.shape[0] > 3:
+        roll[3] = old[3] + 0.01  # a row within [1 / cap, cap] ...
+        roll[2] = old[2] - 0.2   # ... and one far outside it
+    return {**inputs, "rollout_logprobs": roll}
+
+
+@pytest.mark.parametrize("mode", [None, "tis", "seq_mask"])
+@pytest.mark.parametrize("adv_dim", [1, 2], ids=["advB", "advBT"])
+def test_rollout_correction_matches_reference(any_backend, mode, adv_dim):
+    backend, device = any_backend
+    inputs = _with_rollout(make_inputs(B=6, T=40, adv_dim=adv_dim, device=device, with_ref=True))
+    kw = dict(rollout_correction=mode, rollout_cap=2.0, clip_ratio_c=3.0, kl_coef=0.1, kl_estimator="k3")
+    loss, metrics, g = check(backend, inputs, **kw)
+    assert {"rollout_weight_mean", "rollout_corrected_frac", "rollout_kl"} <= set(metrics)
+    if mode is None:  # metrics only: the loss and gradient are the uncorrected ones
+        plain = run(policy_loss, {k: v for k, v in inputs.items() if k != "rollout_logprobs"}, backend=backend,
+                    **{k: v for k, v in kw.items() if not k.startswith("rollout")})
+        torch.testing.assert_close(loss, plain[0])
+        torch.testing.assert_close(g, plain[2])
+        assert abs(metrics["rollout_weight_mean"] - 1) < 1e-6 and metrics["rollout_corrected_frac"] == 0
+    else:  # the correction bites, but not everywhere
+        assert 0 < metrics["rollout_corrected_frac"] < 1
+    lr = (inputs["old_logprobs"] - inputs["rollout_logprobs"]).double()
+    m = inputs["mask"]
+    torch.testing.assert_close(metrics["rollout_kl"].double(), (-lr[m]).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_seq_mask_drops_whole_rows_and_keeps_the_counts(any_backend):
+    """A dropped sequence contributes no pg term and no gradient, and still counts in the
+    token-mean denominator (as TRL's sequence mask); the KL term is not weighted."""
+    backend, device = any_backend
+    inputs = _with_rollout(make_inputs(B=6, T=40, device=device))
+    roll = inputs["rollout_logprobs"]
+    kept_rows = ((inputs["old_logprobs"] - roll).double() * inputs["mask"]).sum(-1).abs() <= math.log(2.0)
+    assert kept_rows.any() and not kept_rows.all()
+    loss, _, g = run(policy_loss, inputs, backend=backend, rollout_correction="seq_mask")
+    assert (g[~kept_rows] == 0).all() and g[kept_rows].abs().sum() > 0
+    full, _, _ = run(policy_loss, {k: v for k, v in inputs.items() if k != "rollout_logprobs"}, backend=backend,
+                     agg="token-mean", num_tokens=int(inputs["mask"].sum()))
+    only_kept = {k: v for k, v in inputs.items() if k != "rollout_logprobs"}
+    only_kept["mask"] = inputs["mask"] & kept_rows[:, None].to(device)
+    kept, _, _ = run(policy_loss, only_kept, backend=backend, num_tokens=int(inputs["mask"].sum()))
+    torch.testing.assert_close(loss, kept, rtol=1e-6, atol=1e-7)
+    assert not torch.isclose(loss, full)
+
+
+def test_rollout_correction_errors():
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match="rollout_correction='tis' needs rollout_logprobs"):
+        run(policy_loss, inputs, rollout_correction="tis")
+    with pytest.raises(ValueError, match="rollout_correction must be None or one of"):
+        run(policy_loss, _with_rollout(inputs), rollout_correction="is")
+    with pytest.raises(ValueError, match="rollout_cap must be > 1"):
+        run(policy_loss, _with_rollout(inputs), rollout_correction="seq_mask", rollout_cap=0.5)
+    with pytest.raises(ValueError, match="rollout_logprobs must have"):
+        run(policy_loss, {**inputs, "rollout_logprobs": inputs["old_logprobs"][:, :3]})
+
+
+@pytest.mark.parametrize("mode", ["tis", "seq_mask"])
+def test_rollout_correction_gradcheck_float64(any_backend, mode):
+    backend, device = any_backend
+    inputs = _with_rollout(make_inputs(B=4, T=9, device=device, with_ref=True))
+    old, adv, ref, roll = (inputs[k].double() for k in ("old_logprobs", "advantages", "ref_logprobs",
+                                                         "rollout_logprobs"))
+    x = inputs["logprobs"].double().clone().requires_grad_(True)
+
+    def f(lp):
+        return policy_loss(lp, old, adv, inputs["mask"], ref_logprobs=ref, kl_coef=0.2, rollout_logprobs=roll,
+                           rollout_correction=mode, backend=backend)[0]
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
@@ -375,20 +459,20 @@ def test_gradcheck_float64(any_backend, agg, kl_estimator):
 
 def _op_args(backend, device):
     inputs = make_inputs(B=3, T=70, adv_dim=1, device=device, with_ref=True)
-    lp, old, adv, m, ref = _prepare(backend, inputs["logprobs"], inputs["old_logprobs"],
-                                    inputs["advantages"], inputs["mask"], inputs["ref_logprobs"])
-    return lp, old, adv, m, ref
+    roll = inputs["old_logprobs"] + 0.3 * torch.randn_like(inputs["old_logprobs"])
+    return _prepare(backend, inputs["logprobs"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+                    inputs["ref_logprobs"], roll)
 
 
 def test_opcheck(kernel_backend):
     backend, device = kernel_backend
-    lp, old, adv, m, ref = _op_args(backend, device)
+    lp, old, adv, m, ref, roll = _op_args(backend, device)
     lpg = lp.clone().requires_grad_(True)
-    torch.library.opcheck(_fwd, (lpg, old, adv, m, ref, 0.8, 1.28, 3.0, 3, True, backend))
-    torch.library.opcheck(_fwd, (lpg, old, adv, m, None, 0.8, 1.28, 0.0, 0, False, backend))
+    torch.library.opcheck(_fwd, (lpg, old, adv, m, ref, roll, 0.8, 1.28, 3.0, 3, True, 2, 2.0, backend))
+    torch.library.opcheck(_fwd, (lpg, old, adv, m, None, None, 0.8, 1.28, 0.0, 0, False, 0, 2.0, backend))
     g = torch.randn(2, lp.shape[0], device=device)
-    torch.library.opcheck(_bwd, (g, lp, old, adv, m, ref, 0.8, 1.28, 3.0, 2, backend))
-    torch.library.opcheck(_bwd, (g, lp, old, adv, m, None, 0.8, 1.28, 0.0, 0, backend))
+    torch.library.opcheck(_bwd, (g, lp, old, adv, m, ref, roll, 0.8, 1.28, 3.0, 2, 2, 2.0, backend))
+    torch.library.opcheck(_bwd, (g, lp, old, adv, m, None, None, 0.8, 1.28, 0.0, 0, 0, 2.0, backend))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

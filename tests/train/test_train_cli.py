@@ -1,6 +1,7 @@
 """`axpo train` end to end on the built-in task (tiny sizes), resumed after SIGKILL; `axpo eval`;
 `axpo compare`; config errors on the command line."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,6 +149,7 @@ def test_compare_runs_registered_methods_in_parallel_and_resumes(tmp_path):
     ("trainer.zero_stage=4", "trainer.zero_stage"),
     ("sft.lr=fast", "sft.lr must be a finite number"),
     ("nonsense", "key=value"),
+    ("rl.rollout_correction=tis", "rl.rollout_correction must be null or auto unless the old log-probs are recomputed"),
 ])
 def test_bad_config_is_an_error_naming_the_key(arg, message):
     proc = _axpo("train", arg, timeout=120)
@@ -268,6 +270,9 @@ def test_train_with_the_vllm_engine(tmp_path):
         assert x["rollouts"] >= 8 and x["generated_tokens"] > 0
         # the prompts (~70 tokens) span two full KV blocks, shared by each question's 4 rollouts
         assert x["prefill_tokens_saved"] > 0 and 0 < x["prefix_cache_hit_rate"] <= 1
+        # vLLM's default: the trainer recomputes the old log-probs and corrects with tis
+        assert math.isfinite(x["rollout_kl"]) and 0 < x["rollout_weight_mean"] <= 2.0
+        assert 0 <= x["rollout_corrected_frac"] <= 1
     assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
     proc = _axpo("eval", f"log.output_dir={out}", "trainer.device=cpu", "log.progress=false", "--questions", "2",
                  "--samples", "2", *vllm)

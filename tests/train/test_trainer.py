@@ -95,3 +95,42 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, stage, agg):
 def _initial_weights():
     model, _ = build_tiny_policy(seed=0)
     return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_recomputed_old_logprobs_and_the_rollout_correction(monkeypatch):
+    """rl.recompute_old_logprobs: the trainer's own log-probs become the old ones and the engine's
+    are kept as rollout_logprobs; rl_step then reports the mismatch and applies the correction."""
+    from axpo.train.config import TrainerConfig
+    from axpo.train.distributed import setup
+    from axpo.train.trainer import PolicyTrainer
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    dist = setup("cpu")
+    model, tok = build_tiny_policy(vision=False, seed=0, initializer_range=0.2)
+    policy = policy_from_model(model, tok)
+    chat = ChatFormat(tok, policy.image_processor)
+    rows = global_batch(chat, n=4, images=False)
+    trainer = PolicyTrainer(policy, TrainerConfig(micro_batch_tokens=160), dist, lr=1e-3, pad_id=chat.pad_id)
+    with torch.no_grad():
+        inputs, select = _to_inputs(policy, rows, chat.pad_id, "cpu")
+        own, _ = trainer.module(inputs, select, 0.8)
+    g = torch.Generator().manual_seed(0)
+    for b, r in enumerate(rows):  # an engine whose log-probs are off by ~1 nat
+        n = len(r.token_ids)
+        r.old_logprobs = own[b, :n] + torch.randn(n, generator=g) * select[b, :n]
+    engine_logprobs = [r.old_logprobs.clone() for r in rows]
+    trainer.recompute_old_logprobs(rows, 0.8)
+    for b, r in enumerate(rows):
+        assert torch.equal(r.rollout_logprobs, engine_logprobs[b])
+        n = len(r.token_ids)
+        torch.testing.assert_close(r.old_logprobs, own[b, :n], rtol=1e-5, atol=1e-6)
+        assert (r.old_logprobs[~select[b, :n]] == 0).all()
+    m = trainer.rl_step(rows, agg="token-mean", clip_low=0.2, clip_high=0.4, kl_coef=0.0, kl_estimator="k3",
+                        temperature=0.8, rollout_correction="tis", rollout_cap=2.0)
+    sel = [r.loss_mask for r in rows]
+    diff = torch.cat([(r.rollout_logprobs - r.old_logprobs)[s] for r, s in zip(rows, sel)])
+    assert m["rollout_kl"] == pytest.approx(diff.mean().item(), rel=1e-4)
+    weights = torch.clamp(torch.exp(-diff), max=2.0)
+    assert m["rollout_weight_mean"] == pytest.approx(weights.mean().item(), rel=1e-4)
+    assert m["rollout_corrected_frac"] == pytest.approx((torch.exp(-diff) > 2.0).float().mean().item(), abs=1e-6)
+    assert 0 < m["rollout_corrected_frac"] < 1
