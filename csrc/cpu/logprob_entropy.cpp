@@ -22,12 +22,20 @@ namespace {
 constexpr int64_t kTile = 2048;  // elements per tile: 8 KiB of fp32, stays in L1
 
 // exp for the accumulation type. float: the vectorizable polynomial; -inf and anything below
-// the smallest normal result give exactly 0, NaN propagates.
+// the smallest normal result give exactly 0, NaN propagates (NaN * 0). Written with selects on
+// the argument and a 0 / 1 factor, not a select on the result: GCC 12 does not if-convert a
+// select of the polynomial's result, and that one select kept the whole loop scalar (measured:
+// ~9 ns per element instead of ~1 on AVX-512).
 AXPO_CPU_INLINE float exp_acc(float x) {
-  const float out = x < -87.33654f ? 0.f : axpo::cpu::exp_clamped(x);
-  return x != x ? x : out;
+  const float xc = x < -87.f ? -87.f : x;
+  return axpo::cpu::exp_clamped(xc) * (x >= -87.33654f ? 1.f : 0.f);
 }
 AXPO_CPU_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// x floored where exp_acc(x) is 0, so that exp_acc(x) * floored(x) is 0 (not 0 * -inf = NaN)
+// without a select on the product (which would keep the loop scalar, as above).
+AXPO_CPU_INLINE float floored(float x) { return x < -88.f ? -88.f : x; }
+AXPO_CPU_INLINE double floored(double x) { return x < -746.0 ? -746.0 : x; }
 
 template <typename acc_t>
 struct RowState {
@@ -73,7 +81,7 @@ AXPO_CPU_INLINE void fold_row(const scalar_t* row, int64_t n, acc_t inv_temp, Ro
         const acc_t d = buf[j] - mt;
         const acc_t e = exp_acc(d);
         s += e;
-        w += e > 0 ? e * d : acc_t(0);  // 0 * -inf is 0 here, not NaN
+        w += e * floored(d);  // 0 where e is 0 (0 * -inf would be NaN)
       }
     } else {
 #pragma omp simd reduction(+ : s)
@@ -160,7 +168,7 @@ AXPO_CPU_INLINE void bwd_rows(const scalar_t* logits,   // [N, C], row stride `s
         const acc_t lp = buf[j] - l;
         const acc_t p = exp_acc(lp);
         acc_t g = -glp * p;
-        if constexpr (kEntropyGrad) g -= gh * (p > 0 ? p * (lp + h) : acc_t(0));
+        if constexpr (kEntropyGrad) g -= gh * (p * (floored(lp) + h));
         buf[j] = g * inv_temp;
       }
 #pragma omp simd
@@ -170,7 +178,7 @@ AXPO_CPU_INLINE void bwd_rows(const scalar_t* logits,   // [N, C], row stride `s
       const acc_t lp = xy - l;
       const acc_t p = exp_acc(lp);
       acc_t g = glp * (acc_t(1) - p);
-      if constexpr (kEntropyGrad) g -= gh * (p > 0 ? p * (lp + h) : acc_t(0));
+      if constexpr (kEntropyGrad) g -= gh * (p * (floored(lp) + h));
       grow[jy] = static_cast<scalar_t>(g * inv_temp);
     }
   }
