@@ -192,20 +192,26 @@ class PolicyTrainer:
         return float(self.engine.get_lr()[0])
 
     # -- one update over micro-batches ----------------------------------------------------------
-    def recompute_old_logprobs(self, rows: Sequence[Row], temperature: float) -> None:
-        """Replaces each row's old_logprobs by the trainer's own log-probs of its trained tokens
-        (a no-grad forward of the current weights), keeping the engine's as rollout_logprobs.
-        Every rank runs the same number of forwards (ZeRO-3 gathers parameters in each)."""
+    def _rank_micro_batches(self, rows: Sequence[Row]):
+        """Yields (real, rows, inputs, select) per micro-batch, padded with repeats of the first
+        (real=False) so that every rank runs the same number of forwards (ZeRO-3 gathers
+        parameters in each)."""
         groups = micro_batches([len(r.token_ids) for r in rows], self.cfg.micro_batch_tokens)
         (n_max,) = all_reduce_max([len(groups)])
+        for i in range(int(n_max)):
+            real = i < len(groups)
+            mb = [rows[j] for j in (groups[i] if real else groups[0] if groups else [])]
+            if not mb:
+                raise ValueError(f"rank {self.dist.rank} has no samples to train on: give every data-parallel "
+                                 "rank at least one question (rl.questions_per_step >= world size)")
+            inputs, select = _to_inputs(self.policy, mb, self.pad_id, self.dist.device)
+            yield real, mb, inputs, select
+
+    def recompute_old_logprobs(self, rows: Sequence[Row], temperature: float) -> None:
+        """Replaces each row's old_logprobs by the trainer's own log-probs of its trained tokens
+        (a no-grad forward of the current weights), keeping the engine's as rollout_logprobs."""
         with torch.no_grad():
-            for i in range(int(n_max)):
-                real = i < len(groups)
-                mb = [rows[j] for j in (groups[i] if real else groups[0] if groups else [])]
-                if not mb:
-                    raise ValueError(f"rank {self.dist.rank} has no samples to train on: give every data-parallel "
-                                     "rank at least one question (rl.questions_per_step >= world size)")
-                inputs, select = _to_inputs(self.policy, mb, self.pad_id, self.dist.device)
+            for real, mb, inputs, select in self._rank_micro_batches(rows):
                 logp, _ = self.engine(inputs, select, temperature)
                 if real:
                     logp = logp.float().cpu()
@@ -218,17 +224,8 @@ class PolicyTrainer:
 
         loss_fn(logp, entropy, inputs, select, rows) -> (loss, {name: 0-d tensor sum}) per micro-batch.
         Returns (sum of this rank's micro-batch losses, metric sums), read back to the host once."""
-        groups = micro_batches([len(r.token_ids) for r in rows], self.cfg.micro_batch_tokens)
-        (n_max,) = all_reduce_max([len(groups)])
-        pads = int(n_max) - len(groups)
         total, sums = None, {}
-        for i in range(len(groups) + pads):
-            real = i < len(groups)
-            mb = [rows[j] for j in (groups[i] if real else groups[0] if groups else [])]
-            if not mb:
-                raise ValueError(f"rank {self.dist.rank} has no samples to train on: give every data-parallel "
-                                 "rank at least one question (rl.questions_per_step >= world size)")
-            inputs, select = _to_inputs(self.policy, mb, self.pad_id, self.dist.device)
+        for real, mb, inputs, select in self._rank_micro_batches(rows):
             logp, ent = self.engine(inputs, select, temperature)
             loss, metrics = loss_fn(logp, ent, inputs, select, mb)
             if not real:
