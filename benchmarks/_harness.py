@@ -167,6 +167,13 @@ def collect_env(device: torch.device) -> dict[str, Any]:
         })
     else:
         env["device_name"] = f"{env['cpu_model']} ({env['cpu_count']} cores, torch threads={env['torch_num_threads']})"
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["mkldnn_enabled"] = torch.backends.mkldnn.enabled
+        try:
+            from axpo.ops._dtypes import gemm_dtype  # noqa: PLC0415
+            env["bf16_gemm_dtype"] = str(gemm_dtype(torch.bfloat16, device)).replace("torch.", "")
+        except ImportError:
+            pass
     env.update(_git_commit())
     return env
 
@@ -740,7 +747,8 @@ def format_markdown_table(rows: Sequence[dict], include_skipped: bool = False) -
 
 def _env_lines(env: dict) -> list[str]:
     keys = ["device_name", "device_kind", "torch", "triton", "python", "axpo", "cuda",
-            "torch_num_threads", "git_commit", "date", "memory_method"]
+            "torch_num_threads", "cpu_capability", "mkldnn_enabled", "bf16_gemm_dtype", "git_commit",
+            "date", "memory_method"]
     return [f"- {k}: {env[k]}" for k in keys if k in env]
 
 

@@ -460,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small set (~1 min on a 2-core CPU)")
     p.add_argument("--out", default="benchmarks/results", help="output directory")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-mkldnn", action="store_true",
+                   help="CPU: turn oneDNN off. torch's bf16 / fp16 GEMMs then take the generic "
+                        "fallback an AVX2-only CPU runs, and axpo's head its fp32 GEMMs "
+                        "(axpo.ops._dtypes.gemm_dtype): such a CPU's comparison, measured here")
     p.add_argument("--mem-probe", help=argparse.SUPPRESS)  # internal: subprocess memory fallback
     return p
 
@@ -505,6 +509,7 @@ def make_case(op: str, dtype: torch.dtype, n: int, h: int | None, v: int,
 
 def _mem_probe_main(spec: dict) -> int:
     """Child side of the subprocess memory fallback: one call in a fresh process."""
+    torch.backends.mkldnn.enabled = spec["mkldnn"]
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
     impls = build_impls(spec["op"], device, spec["temperature"], spec.get("backends"))
@@ -533,7 +538,8 @@ def _mem_probe_main(spec: dict) -> int:
 def _subprocess_probe(device: torch.device, temperature: float, backends):
     def probe(case: H.Case, impl: H.Impl, mode: str) -> int | None:
         spec = {"device": str(device), "dtype": case.dtype, "op": case.op, "impl": impl.name,
-                "mode": mode, "temperature": temperature, "backends": backends, **case.shape}
+                "mode": mode, "temperature": temperature, "backends": backends,
+                "mkldnn": torch.backends.mkldnn.enabled, **case.shape}
         module = __spec__.name if __spec__ is not None else None  # noqa: F821
         if module and module != "__main__":
             cmd = [sys.executable, "-m", module, "--mem-probe", json.dumps(spec)]
@@ -585,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         return _mem_probe_main(json.loads(args.mem_probe))
     device = H.resolve_device(args.device)
     cuda = device.type == "cuda"
+    if args.no_mkldnn:
+        torch.backends.mkldnn.enabled = False
     repeats = args.repeats or (30 if cuda else (2 if args.quick else 3))
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     max_call_s = args.max_call_s if args.max_call_s is not None else (None if cuda else 10.0)

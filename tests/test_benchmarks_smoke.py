@@ -54,6 +54,26 @@ def test_logprob_entropy_bench_smoke(tmp_path, capsys):
     assert "| reference |" in text and "axpo:" in text
 
 
+def test_no_mkldnn_emulates_a_cpu_without_fast_bf16_gemms(tmp_path):
+    """--no-mkldnn emulates a CPU without fast bf16 GEMMs: the results say so, the bf16 head
+    rows are timed and checked (axpo's fp32 GEMMs, the reference's bf16 fallback)."""
+    import torch  # noqa: PLC0415
+    bench = bench_module("bench_logprob_entropy")
+    before = torch.backends.mkldnn.enabled
+    try:
+        rc = bench.main(["--device", "cpu", "--op", "linear", "--n", "32", "--v", "700", "--h", "32",
+                         "--dtype", "bfloat16", "--backends", "cpu", "--repeats", "1", "--warmup", "1",
+                         "--no-mkldnn", "--out", str(tmp_path), "--no-plot"])
+    finally:
+        torch.backends.mkldnn.enabled = before
+    assert rc == 0
+    data = json.loads((tmp_path / "logprob_entropy_cpu.json").read_text())
+    assert data["env"]["mkldnn_enabled"] is False and data["env"]["bf16_gemm_dtype"] == "float32"
+    ours = [r for r in data["rows"] if r["impl"] == "axpo:cpu"]
+    assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" and r["correct"] for r in ours), ours
+
+
 def test_cpu_memory_measurement_sees_an_allocation():
     bench = bench_module("bench_logprob_entropy")
     H = bench.H

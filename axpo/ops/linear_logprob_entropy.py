@@ -5,7 +5,8 @@ by the backend's matmul, folded into a per-row running state (max, sum exp, sum 
 label logit) by the lpe chunk kernel, then discarded. Backward: each chunk's logits are
 recomputed, turned in place into their gradient by the lpe backward kernel, and multiplied
 into grad_hidden (accumulated in fp32) and the chunk's rows of grad_weight. Peak extra
-memory is one [N, C] chunk, C chosen to fit a budget (see _chunk_cols).
+memory is one [N, C] chunk, C chosen to fit a budget (see _chunk_cols). The GEMMs run in the
+input dtype, or in fp32 on a CPU that has no fast bf16 / fp16 GEMM (_dtypes.gemm_dtype).
 
 Under DeepSpeed ZeRO-3 the weight is partitioned (an empty tensor) except while its owning
 module runs; use LinearLogprobEntropy as the model's LM head so ZeRO-3's module hooks gather
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _validate, reference
-from ._dtypes import acc_dtype
+from ._dtypes import acc_dtype, gemm_dtype
 
 _OP = "linear_logprob_entropy"
 CHUNK_BUDGET_BYTES = 256 << 20  # one [N, C] logits chunk at most this large (C >= 512)
@@ -33,8 +34,10 @@ def _chunk_cols(n_rows: int, vocab: int, elem_size: int, chunk_size: int) -> int
     return min(cols, vocab)
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int) -> Tensor:
-    return F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+def _head_chunk(weight: Tensor, bias: Tensor | None, v0: int, v1: int,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Rows v0:v1 of the LM head in the GEMM dtype (gemm_dtype; .to is free when it is theirs)."""
+    return weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype)
 
 
 @torch.library.custom_op("axpo::linear_logprob_entropy_fwd", mutates_args=())
@@ -50,11 +53,13 @@ def _fwd(
     state[0].fill_(float("-inf"))
     state[1:3].zero_()
     state[3].fill_(float("nan"))
-    cols = _chunk_cols(n, vocab, hidden.element_size(), chunk_size)
+    hidden_g = hidden.to(gemm_dtype(hidden.dtype, hidden.device))
+    cols = _chunk_cols(n, vocab, hidden_g.element_size(), chunk_size)
     if n:
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
-            kernels.fwd_chunk(_chunk_logits(hidden, weight, bias, v0, v1), labels, v0,
+            w, b = _head_chunk(weight, bias, v0, v1, hidden_g.dtype)
+            kernels.fwd_chunk(F.linear(hidden_g, w, b), labels, v0,
                               inv_temperature, state, compute_entropy)
     m, s, w, label_x = state
     log_s = s.log()
@@ -84,7 +89,9 @@ def _bwd(
     grad_hidden_acc = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0)
-    cols = _chunk_cols(n, vocab, hidden.element_size(), chunk_size)
+    hidden_g = hidden.to(gemm_dtype(hidden.dtype, hidden.device))
+    upcast = hidden_g.dtype != hidden.dtype
+    cols = _chunk_cols(n, vocab, hidden_g.element_size(), chunk_size)
     if n == 0:
         if need_weight:
             grad_weight.zero_()
@@ -92,14 +99,18 @@ def _bwd(
             grad_bias.zero_()
     for v0 in range(0, vocab, cols) if n else ():
         v1 = min(v0 + cols, vocab)
-        chunk = _chunk_logits(hidden, weight, bias, v0, v1)
+        w, b = _head_chunk(weight, bias, v0, v1, hidden_g.dtype)
+        chunk = F.linear(hidden_g, w, b)
         # The recomputed logits become their own gradient: no second [N, C] buffer.
         kernels.bwd(chunk, labels, v0, inv_temperature, ignore_index, lse, entropy,
                     g_lp, g_ent, compute_entropy, chunk)
         if need_hidden:
-            grad_hidden_acc += chunk @ weight[v0:v1]
+            grad_hidden_acc += chunk @ w
         if need_weight:
-            torch.mm(chunk.t(), hidden, out=grad_weight[v0:v1])
+            if upcast:
+                grad_weight[v0:v1] = chunk.t() @ hidden_g
+            else:
+                torch.mm(chunk.t(), hidden_g, out=grad_weight[v0:v1])
         if grad_bias.numel():
             grad_bias[v0:v1] = chunk.sum(0, dtype=acc)
     grad_hidden = grad_hidden_acc.to(hidden.dtype) if need_hidden else hidden.new_empty(0)

@@ -1,7 +1,8 @@
 // Clipped policy loss on the CPU: one elementwise pass + per-row sums (see ../policy_loss.h).
 //
 // Rows are split over threads with at::parallel_for; each row is one branch-free loop the
-// compiler vectorizes (selects instead of branches, a polynomial exp for float). The loop is
+// compiler vectorizes (selects on loaded values only, see TokenIn; a polynomial exp for float;
+// checked with -fopt-info-vec-missed, benchmarks/NOTES.md). The loop is
 // specialized on the KL estimator, the rollout correction and the advantage layout ([B] or [B, T]);
 // the entry points are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones).
 #include "../policy_loss.h"
@@ -31,6 +32,31 @@ template <typename acc_t>
 struct Consts {
   acc_t lo, hi, c;  // 1 - clip_low, 1 + clip_high, clip_ratio_c (+inf: no dual clip)
   acc_t tis, cap;   // rollout correction: tis 1 weighs pg by min(pi_old / pi_rollout, cap)
+};
+
+// One token's inputs, read from its row. A masked-out token computes on zeros (finite numbers)
+// and each of its terms is then multiplied by mf = 0 (x * 1 is x, NaN and inf included). The
+// selects are on loaded values only: GCC 12 sinks a computation under a select of its result
+// (`m ? pg : 0`) and then cannot if-convert the loop, which stays scalar (measured 34 -> 3.2 ns
+// a token, forward, AVX-512). m comes from the byte converted to acc_t: a byte compare gives a
+// byte-wide mask, for which GCC finds no vector type next to the float loads.
+template <typename acc_t>
+struct TokenIn {
+  acc_t mf, lp, old, a, ref, roll;  // mf: 1 / 0
+
+  template <typename scalar_t, int kKl, bool kCorr, bool kAdvRow>
+  AXPO_CPU_INLINE static TokenIn load(const scalar_t* lp_row, const acc_t* old_row, const acc_t* adv_row,
+                                      acc_t a_row, const uint8_t* m_row, const acc_t* ref_row,
+                                      const acc_t* roll_row, int64_t t) {
+    const bool m = static_cast<acc_t>(m_row[t]) != acc_t(0);
+    const acc_t lp = static_cast<acc_t>(lp_row[t]), old = old_row[t];
+    const acc_t a = kAdvRow ? a_row : adv_row[t];
+    acc_t ref = acc_t(0), roll = acc_t(0);
+    if constexpr (kKl != 0) ref = ref_row[t];
+    if constexpr (kCorr) roll = roll_row[t];
+    const acc_t z = acc_t(0);
+    return {m ? acc_t(1) : z, m ? lp : z, m ? old : z, m ? a : z, m ? ref : z, m ? roll : z};
+  }
 };
 
 // The loss pieces of one token (see ../policy_loss.h); kDual: dual clip on (always, with +inf
@@ -125,43 +151,43 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
     const acc_t a_row = kAdvRow ? adv_row[0] : acc_t(0);
     // Tiles: the math loop writes the masked per-token terms to L1 buffers (a loop without
     // reductions, which GCC vectorizes), then one simple vectorized sum per buffer.
-    alignas(64) acc_t buf[kPlStats][kTile];
-    acc_t sums[kPlStats] = {};
+    alignas(64) acc_t buf[kPlStats + 1][kTile];
+    acc_t sums[kPlStats + 1] = {};
     for (int64_t t0 = 0; t0 < p.T; t0 += kTile) {
       const int64_t len = p.T - t0 < kTile ? p.T - t0 : kTile;
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const int64_t t = t0 + j;
-        const acc_t mf = m_row[t] != 0 ? acc_t(1) : acc_t(0);
-        const bool m = mf != acc_t(0);
-        const acc_t lp = static_cast<acc_t>(lp_row[t]);
-        const acc_t a = kAdvRow ? a_row : adv_row[t];
-        const Token<acc_t, true> tok(lp, old_row[t], a, k);
+        const auto in = TokenIn<acc_t>::template load<scalar_t, kKl, kCorr, kAdvRow>(
+            lp_row, old_row, adv_row, a_row, m_row, ref_row, roll_row, t);
+        const acc_t mf = in.mf;
+        const Token<acc_t, true> tok(in.lp, in.old, in.a, k);
         const acc_t clipped = tok.pg2 > tok.pg1 ? mf : acc_t(0);  // masked flag
         acc_t w = acc_t(1), lr = acc_t(0), trunc = acc_t(0);
         if constexpr (kCorr) {
-          lr = old_row[t] - roll_row[t];
+          lr = in.old - in.roll;
           const acc_t rr = pl_exp(lr);
-          trunc = rr > k.cap ? k.tis * mf : acc_t(0);
-          w = k.tis != acc_t(0) ? (rr > k.cap ? k.cap : rr) : acc_t(1);  // NaN stays NaN
+          trunc = (rr > k.cap ? acc_t(1) : acc_t(0)) * (k.tis * mf);
+          w = rr > k.cap ? k.cap : rr;  // NaN stays NaN
+          buf[kPlStats][j] = (tok.pg * w) * mf;  // the tis-weighted pg term
         }
-        buf[0][j] = m ? tok.pg * w : acc_t(0);
+        buf[0][j] = tok.pg * mf;
         acc_t klv = acc_t(0);
-        if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(lp, ref_row[t], tok.r);
-        buf[1][j] = m ? klv : acc_t(0);
+        if constexpr (kKl != 0) klv = kl_value<acc_t, kKl>(in.lp, in.ref, tok.r);
+        buf[1][j] = klv * mf;
         buf[2][j] = mf;
         buf[3][j] = clipped * tok.neg;
-        buf[4][j] = a > acc_t(0) ? clipped : acc_t(0);
+        buf[4][j] = in.a > acc_t(0) ? clipped : acc_t(0);
         buf[5][j] = tok.c1 > tok.pg3 ? mf * tok.neg : acc_t(0);
-        buf[6][j] = m ? -tok.dc : acc_t(0);
-        buf[7][j] = m ? tok.r : acc_t(0);
+        buf[6][j] = -tok.dc * mf;
+        buf[7][j] = tok.r * mf;
         if constexpr (kCorr) {
-          buf[8][j] = m ? w : acc_t(0);
+          buf[8][j] = w * mf;
           buf[9][j] = trunc;
-          buf[10][j] = m ? lr : acc_t(0);
+          buf[10][j] = lr * mf;
         }
       }
-      for (int64_t q = 0; q < (kCorr ? kPlStats : kPlCoreStats); ++q) {
+      for (int64_t q = 0; q < (kCorr ? kPlStats + 1 : kPlCoreStats); ++q) {
         acc_t s = 0;
         const acc_t* bq = buf[q];
 #pragma omp simd reduction(+ : s)
@@ -170,7 +196,9 @@ AXPO_CPU_INLINE void fwd_rows(const Ptrs& p, const Consts<acc_t>& k, acc_t* out,
       }
     }
     acc_t* o = out + b;
-    if constexpr (!kCorr) sums[8] = sums[2];  // weights of 1
+    const bool tis = kCorr && k.tis != acc_t(0);
+    if (tis) sums[0] = sums[kPlStats];
+    else sums[8] = sums[2];  // weights of 1
     for (int64_t q = 0; q < kPlStats; ++q) o[q * B] = sums[q];
   }
 }
@@ -196,18 +224,17 @@ AXPO_CPU_INLINE void bwd_rows(const Ptrs& p, const Consts<acc_t>& k, const acc_t
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const int64_t t = t0 + j;
-        const bool m = m_row[t] != 0;
-        const acc_t lp = static_cast<acc_t>(lp_row[t]);
-        const acc_t a = kAdvRow ? a_row : adv_row[t];
-        const Token<acc_t, true> tok(lp, old_row[t], a, k);
+        const auto in = TokenIn<acc_t>::template load<scalar_t, kKl, kCorr, kAdvRow>(
+            lp_row, old_row, adv_row, a_row, m_row, ref_row, roll_row, t);
+        const Token<acc_t, true> tok(in.lp, in.old, in.a, k);
         acc_t w = acc_t(1);
         if constexpr (kCorr) {
-          const acc_t rr = pl_exp(old_row[t] - roll_row[t]);
-          w = k.tis != acc_t(0) ? (rr > k.cap ? k.cap : rr) : acc_t(1);
+          const acc_t rr = pl_exp(in.old - in.roll);
+          w = rr > k.cap ? k.cap : rr;  // kCorr is tis here (the caller's corr == 2)
         }
         acc_t d = g_pg * (tok.grad(k) * w);
-        if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(lp, ref_row[t], tok.r, tok.in_clamp);
-        buf[j] = m ? d : acc_t(0);
+        if constexpr (kKl != 0) d += g_kl * kl_grad<acc_t, kKl>(in.lp, in.ref, tok.r, tok.in_clamp);
+        buf[j] = d * in.mf;
       }
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) g_row[t0 + j] = static_cast<scalar_t>(buf[j]);

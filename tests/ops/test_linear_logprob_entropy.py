@@ -1,8 +1,11 @@
 """linear_logprob_entropy: every backend against the float64 reference on hidden @ W.T + b."""
+import contextlib
+
 import pytest
 import torch
 
 from axpo.ops import LinearLogprobEntropy, linear_logprob_entropy, reference
+from axpo.ops._dtypes import gemm_dtype
 from axpo.ops.linear_logprob_entropy import _bwd, _fwd
 from tests.conftest import KERNEL_BACKENDS
 
@@ -79,10 +82,48 @@ def test_bf16_matches_op1_on_bf16_logits(kernel_backend):
     backend, device = kernel_backend
     hidden, weight, bias, labels = make_inputs(5, 64, 999, torch.bfloat16, device)
     lp, ent = linear_logprob_entropy(hidden, weight, labels, bias=bias, backend=backend, chunk_size=256)
-    logits = torch.nn.functional.linear(hidden, weight, bias)
+    gd = gemm_dtype(hidden.dtype, hidden.device)  # fp32 on a CPU without a fast bf16 GEMM
+    logits = torch.nn.functional.linear(hidden.to(gd), weight.to(gd), bias.to(gd))
     rlp, rent = reference.token_logprob_entropy(logits.double(), labels)
     torch.testing.assert_close(lp.double(), rlp, rtol=2e-5, atol=2e-4)
     torch.testing.assert_close(ent.double(), rent, rtol=2e-5, atol=2e-4)
+
+
+@contextlib.contextmanager
+def mkldnn_enabled(on: bool):
+    """torch.backends.mkldnn.flags also resets its TF32 flag (with a warning): only this one."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = on
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_gemms_on_a_cpu_without_fast_low_precision_gemms(dtype):
+    """Where torch has no fast bf16 / fp16 CPU GEMM (oneDNN off here: the path torch takes on an
+    AVX2-only CPU) the head's GEMMs run in fp32: the op equals itself on fp32 copies of the
+    inputs, with the gradients cast back to the input dtype."""
+    cpu = torch.device("cpu")
+    hidden, weight, bias, labels = make_inputs(6, 32, 700, dtype, case="masked")
+    g_lp, g_ent = torch.randn(6), torch.randn(6)
+    kw = dict(backend="cpu", chunk_size=256, temperature=0.7)
+    with mkldnn_enabled(False):
+        assert gemm_dtype(dtype, cpu) == torch.float32
+        lp, ent, grads = run(linear_logprob_entropy, hidden, weight, bias, labels, g_lp, g_ent, **kw)
+        f32 = [t.float() for t in (hidden, weight, bias)]
+        lp32, ent32, grads32 = run(linear_logprob_entropy, *f32, labels, g_lp, g_ent, **kw)
+    assert torch.equal(lp, lp32) and torch.equal(ent, ent32)
+    for name, g, g32 in zip(("hidden", "weight", "bias"), grads, grads32):
+        assert g.dtype == dtype and torch.equal(g, g32.to(dtype)), name
+    # Elsewhere: the input dtype where torch multiplies it natively, and always on CUDA.
+    check = (torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16
+             else torch.ops.mkldnn._is_mkldnn_fp16_supported)
+    with mkldnn_enabled(True):
+        assert gemm_dtype(dtype, cpu) == (dtype if check() else torch.float32)
+    assert gemm_dtype(dtype, torch.device("cuda")) == dtype
+    assert gemm_dtype(torch.float32, cpu) == torch.float32
 
 
 @pytest.mark.parametrize("v", [151936, 129920], ids=["V151936", "V129920"])
