@@ -172,8 +172,8 @@ def collect_env(device: torch.device) -> dict[str, Any]:
         try:
             from axpo.ops._dtypes import gemm_dtype  # noqa: PLC0415
             env["bf16_gemm_dtype"] = str(gemm_dtype(torch.bfloat16, device)).replace("torch.", "")
-        except ImportError:
-            pass
+        except ImportError as e:  # axpo's import failure is already in env["axpo"]
+            env["bf16_gemm_dtype"] = f"unknown ({type(e).__name__})"
     env.update(_git_commit())
     return env
 
